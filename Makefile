@@ -1,0 +1,29 @@
+# Two commands matter: `make reproduce` (set up, then run every notebook) and `make test`.
+PYTHON ?= python3
+PROFILE ?= auto
+TEST_OUTPUTS := $(CURDIR)/outputs/_test
+
+.PHONY: setup test reproduce smoke lab strip benchmark
+
+setup:  ## install pinned dependencies and cdlib (editable)
+	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q --no-deps -e .
+
+test: setup  ## unit tests + every notebook under nbval (smoke profile, fresh outputs)
+	rm -rf $(TEST_OUTPUTS)
+	CDLIB_OUTPUTS=$(TEST_OUTPUTS) $(PYTHON) -m pytest
+
+reproduce: setup  ## every notebook in order: paper profile with CUDA, smoke otherwise (PROFILE=quick ...)
+	$(PYTHON) -m cdlib.pipeline --profile $(PROFILE)
+
+smoke: setup  ## the whole pipeline on a CPU in minutes
+	$(PYTHON) -m cdlib.pipeline --profile smoke
+
+lab: setup
+	$(PYTHON) -m jupyter lab notebooks/
+
+strip:  ## remove outputs from the notebooks in git
+	$(PYTHON) -m jupyter nbconvert --clear-output --inplace notebooks/*.ipynb
+
+benchmark: setup
+	$(PYTHON) benchmarks/train_throughput.py

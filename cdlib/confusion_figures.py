@@ -1,0 +1,122 @@
+"""Figures of the confusion analysis (``cdlib.confusion``).
+
+Each function returns its figure and, when ``name`` is given, also saves it as
+PNG and PDF through :func:`cdlib.figures.save_figure`.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.colors import PowerNorm
+
+from . import confusion
+from .figures import GROUP_COLORS, save_figure
+
+
+def _color(name: str, i: int) -> str:
+    """The project colour of a model group when ``name`` is one, else the default cycle."""
+    return GROUP_COLORS.get(name.lower(), f"C{i % 10}")
+
+
+def _finish(fig, name: str | None, folder):
+    if name is not None:
+        save_figure(fig, name, folder)
+    return fig
+
+
+def plot_confusion_heatmaps(
+    matrices: Mapping[str, np.ndarray],
+    superclass_of=None,
+    superclass_names: Sequence[str] | None = None,
+    gamma: float = 0.5,
+    name: str | None = None,
+    folder=None,
+):
+    """Side-by-side heatmaps (e.g. ``{"teacher M": M, "baseline Q": Q}``), classes
+    ordered by super-class, with thin lines at super-class boundaries.
+
+    The diagonal is one to two orders of magnitude larger than any confusion, so it
+    is drawn grey and left out of the colour scale; a power norm (``gamma`` < 1)
+    lifts the small off-diagonal values. Each panel has its own scale because M and
+    Q put different total mass off the diagonal.
+    """
+    mats = {k: confusion.as_matrix(v) for k, v in matrices.items()}
+    c = next(iter(mats.values())).shape[0]
+    order = confusion.superclass_order(superclass_of, c)
+    fig, axes = plt.subplots(1, len(mats), figsize=(3.4 * len(mats) + 0.8, 3.6), squeeze=False,
+                             layout="constrained")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="0.85")
+    for ax, (title, a) in zip(axes[0], mats.items()):
+        a = a[np.ix_(order, order)]
+        shown = np.ma.masked_array(a, mask=np.eye(c, dtype=bool))
+        im = ax.imshow(shown, cmap=cmap, norm=PowerNorm(gamma, vmin=0, vmax=shown.max()),
+                       interpolation="nearest")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+        ax.set_title(title)
+        ax.set_xlabel("predicted class")
+        if superclass_of is not None:
+            _superclass_grid(ax, np.asarray(superclass_of)[order], superclass_names)
+    # Panels share the class order, so only the first one labels the rows.
+    axes[0, 0].set_ylabel("true class")
+    for ax in axes[0, 1:]:
+        ax.tick_params(labelleft=False)
+    return _finish(fig, name, folder)
+
+
+def _superclass_grid(ax, sorted_superclass: np.ndarray, names: Sequence[str] | None) -> None:
+    """Boundary lines between super-classes and one tick per super-class."""
+    change = np.flatnonzero(np.diff(sorted_superclass)) + 1
+    for pos in change - 0.5:
+        ax.axhline(pos, color="white", lw=0.4)
+        ax.axvline(pos, color="white", lw=0.4)
+    starts = np.concatenate([[0], change])
+    ends = np.concatenate([change, [len(sorted_superclass)]])
+    mids = (starts + ends - 1) / 2
+    labels = [names[s] if names is not None else str(s) for s in sorted_superclass[starts]]
+    ax.set_xticks(mids, labels, rotation=90, fontsize=5)
+    ax.set_yticks(mids, labels, fontsize=5)
+    ax.tick_params(length=0)
+
+
+def plot_similarity_over_epochs(
+    runs: Mapping[str, pd.DataFrame],
+    measures: Sequence[str] = ("pearson", "cosine", "soft_jaccard"),
+    name: str | None = None,
+    folder=None,
+):
+    """One panel per measure, one curve per run (tables of
+    ``confusion.similarity_over_epochs``), the paper's value as a dashed line."""
+    fig, axes = plt.subplots(1, len(measures), figsize=(3.0 * len(measures), 2.6), squeeze=False)
+    for ax, measure in zip(axes[0], measures):
+        for i, (run, table) in enumerate(runs.items()):
+            ax.plot(table.index, table[measure], color=_color(run, i), lw=1.2, label=run)
+        if measure in confusion.PAPER_VALUES:
+            ax.axhline(confusion.PAPER_VALUES[measure], color="k", ls="--", lw=0.8, label="paper")
+        ax.set_title(measure.replace("_", " "))
+        ax.set_xlabel("epoch")
+    axes[0, 0].set_ylabel("similarity to teacher M")
+    axes[0, -1].legend(frameon=False)
+    fig.tight_layout()
+    return _finish(fig, name, folder)
+
+
+def plot_spectra(
+    matrices: Mapping[str, np.ndarray],
+    top: int | None = None,
+    name: str | None = None,
+    folder=None,
+):
+    """Normalised singular values of each matrix's off-diagonal part against rank
+    (log scale), with the effective rank in the legend. ``top`` limits the ranks shown."""
+    fig, ax = plt.subplots(figsize=(3.6, 2.8))
+    for i, (label, a) in enumerate(matrices.items()):
+        s = confusion.offdiag_spectrum(a)[:top]
+        ax.semilogy(np.arange(1, len(s) + 1), s, color=_color(label, i), lw=1.2,
+                    label=f"{label} (eff. rank {confusion.effective_rank(a):.1f})")
+    ax.set_xlabel("rank")
+    ax.set_ylabel("singular value / sum")
+    ax.legend(frameon=False)
+    return _finish(fig, name, folder)

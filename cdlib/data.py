@@ -1,0 +1,316 @@
+"""Data sets and GPU-resident augmentation.
+
+Data sets by name (``load_dataset``):
+- ``cifar100`` / ``cifar10``: the original python-pickle layout (``cifar-100-python/``,
+  ``cifar-10-batches-py/``), read here without torchvision's md5 check (re-packed
+  copies never match it) but with checks of shapes, dtypes, label ranges and counts;
+- ``imagefolder:<folder>``: ``train/<class>/*`` and ``test/<class>/*`` images of
+  any size (resized to 32x32); the folder is absolute or relative to the data root;
+- ``synthetic``: generated from a seed, no files; classes grouped into super-classes
+  whose members look alike, so confusion matrices have CIFAR-100-like blocks.
+
+``DeviceData`` keeps the whole set on the training device as uint8 and augments
+in batch there (crop with zero padding 4, horizontal flip, optional rotation,
+normalisation with the train mean/std): no DataLoader workers, no host copies.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import paths
+from .objectives import Batch
+
+
+class DataError(RuntimeError):
+    """A data set is missing or malformed; the message says where we looked and what to do."""
+
+
+@dataclass
+class Dataset:
+    name: str
+    train_images: np.ndarray  # (N, H, W, 3) uint8
+    train_labels: np.ndarray  # (N,) int64
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: list[str]
+    superclass_of: np.ndarray | None = None  # (C,) super-class index of each class
+    superclasses: list[str] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# --------------------------------------------------------------------------- CIFAR pickles
+
+_CIFAR = {
+    "cifar100": dict(folder="cifar-100-python", classes=100, train=["train"], test="test",
+                     label="fine_labels", meta="meta", names="fine_label_names"),
+    "cifar10": dict(folder="cifar-10-batches-py", classes=10,
+                    train=[f"data_batch_{i}" for i in range(1, 6)], test="test_batch",
+                    label="labels", meta="batches.meta", names="label_names"),
+}
+CIFAR_COUNTS = {"train": 50000, "test": 10000}  # images in a complete copy
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise DataError(f"cannot read {path}: {err}. The file is truncated or not a CIFAR pickle; "
+                        f"replace it with a fresh copy of the original archive.") from err
+
+
+def read_cifar_split(path: Path, label_key: str, num_classes: int, expected: int | None = None):
+    """Read one CIFAR pickle file; return (images (N,32,32,3) uint8, labels, coarse labels or None)."""
+    d = _unpickle(path)
+    if "data" not in d or label_key not in d:
+        raise DataError(f"{path} lacks the keys 'data'/'{label_key}'; it is not a CIFAR file of this data set.")
+    data = np.asarray(d["data"])
+    labels = np.asarray(d[label_key], dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"{path}: expected uint8 images of shape (N, 3072), got {data.dtype} {data.shape}.")
+    if len(labels) != len(data):
+        raise DataError(f"{path}: {len(data)} images but {len(labels)} labels.")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"{path}: labels outside 0..{num_classes - 1} (min {labels.min()}, max {labels.max()}).")
+    if expected is not None and len(data) != expected:
+        raise DataError(f"{path}: expected {expected} images, found {len(data)}; the copy is incomplete.")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
+    coarse = np.asarray(d["coarse_labels"], dtype=np.int64) if "coarse_labels" in d else None
+    return images, labels, coarse
+
+
+def _find_folder(name: str, root: Path | None) -> tuple[Path | None, list[Path]]:
+    sub = _CIFAR[name]["folder"]
+    base = Path(root) if root is not None else paths.data_root()
+    candidates = [base / sub, base]
+    for c in candidates:
+        if (c / _CIFAR[name]["test"]).is_file():
+            return c, candidates
+    return None, candidates
+
+
+def load_cifar(name: str, root: Path | None = None, download: bool = False) -> Dataset:
+    spec = _CIFAR[name]
+    folder, looked = _find_folder(name, root)
+    if folder is None and download:
+        import torchvision  # only when the user asks for a download
+        base = Path(root) if root is not None else paths.data_root()
+        cls = torchvision.datasets.CIFAR100 if name == "cifar100" else torchvision.datasets.CIFAR10
+        cls(str(base), train=True, download=True)
+        cls(str(base), train=False, download=True)
+        folder, looked = _find_folder(name, root)
+    if folder is None:
+        raise DataError(
+            f"{name} not found. Looked for '{spec['test']}' in: {', '.join(map(str, looked))}. "
+            f"Put the original '{spec['folder']}' folder (python pickle version) there, set "
+            f"CDLIB_DATA=/folder/holding/it, or call load_dataset('{name}', download=True) on a "
+            f"machine with internet access.")
+    missing = [f for f in spec["train"] + [spec["meta"]] if not (folder / f).is_file()]
+    if missing:
+        raise DataError(f"{folder} is incomplete: missing {missing}. Restore the full '{spec['folder']}' folder.")
+    C = spec["classes"]
+    parts = [read_cifar_split(folder / f, spec["label"], C, expected=CIFAR_COUNTS["train"] // len(spec["train"]))
+             for f in spec["train"]]
+    test_images, test_labels, test_coarse = read_cifar_split(folder / spec["test"], spec["label"], C,
+                                                             expected=CIFAR_COUNTS["test"])
+    train_images = np.concatenate([p[0] for p in parts])
+    train_labels = np.concatenate([p[1] for p in parts])
+    meta = _unpickle(folder / spec["meta"])
+    classes = list(meta[spec["names"]])
+    superclass_of, superclasses = None, None
+    if name == "cifar100":
+        superclasses = list(meta["coarse_label_names"])
+        superclass_of = np.zeros(C, dtype=np.int64)
+        superclass_of[test_labels] = test_coarse
+        superclass_of[train_labels] = parts[0][2]
+    return Dataset(name, train_images, train_labels, test_images, test_labels, classes,
+                   superclass_of, superclasses)
+
+
+# --------------------------------------------------------------------------- image folders
+
+def _read_folder_split(folder: Path, classes: list[str] | None, size: int):
+    from PIL import Image
+
+    if not folder.is_dir():
+        raise DataError(f"image folder split {folder} does not exist; expected <root>/train/<class>/* "
+                        f"and <root>/test/<class>/*.")
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    classes = classes or found
+    if found != classes:
+        raise DataError(f"{folder}: class folders {found} differ from the train split's {classes}.")
+    images, labels = [], []
+    for label, cls in enumerate(classes):
+        for f in sorted((folder / cls).iterdir()):
+            with Image.open(f) as im:
+                im = im.convert("RGB")
+                if im.size != (size, size):
+                    im = im.resize((size, size), Image.BILINEAR)
+                images.append(np.asarray(im, dtype=np.uint8))
+            labels.append(label)
+    if not images:
+        raise DataError(f"{folder} holds no images.")
+    return np.stack(images), np.asarray(labels, dtype=np.int64), classes
+
+
+def load_imagefolder(folder: Path, size: int = 32) -> Dataset:
+    """Read ``train/<class>/*`` and ``test/<class>/*``; cache the decoded arrays under outputs/cache."""
+    folder = Path(folder)
+    if not folder.is_absolute():
+        folder = paths.data_root() / folder
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} not found. Give an absolute path or one relative to the "
+                        f"data root {paths.data_root()} (set CDLIB_DATA to change it).")
+    key = hashlib.sha256(f"{folder.resolve()}:{size}".encode()).hexdigest()[:12]
+    cache = paths.outputs() / "cache" / f"imagefolder-{key}.npz"
+    if cache.is_file():
+        z = np.load(cache)
+        classes = [str(c) for c in z["classes"]]
+        return Dataset(folder.name, z["xtr"], z["ytr"], z["xte"], z["yte"], classes)
+    xtr, ytr, classes = _read_folder_split(folder / "train", None, size)
+    xte, yte, _ = _read_folder_split(folder / "test", classes, size)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez(tmp, xtr=xtr, ytr=ytr, xte=xte, yte=yte, classes=np.array(classes))
+    tmp.replace(cache)
+    return Dataset(folder.name, xtr, ytr, xte, yte, classes)
+
+
+# --------------------------------------------------------------------------- synthetic
+
+def _smooth_field(rng: np.random.Generator, n: int, grid: int, size: int) -> np.ndarray:
+    """n random RGB fields of low spatial frequency: a grid x grid noise upsampled to size x size."""
+    coarse = torch.from_numpy(rng.standard_normal((n, 3, grid, grid)).astype(np.float32))
+    return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).numpy()
+
+
+def synthetic(seed: int = 0, superclasses: int = 5, classes_per_superclass: int = 4,
+              train_per_class: int = 100, test_per_class: int = 25, size: int = 16) -> Dataset:
+    """A small data set with CIFAR-100-like structure, generated deterministically.
+
+    Each super-class has a smooth prototype image; its classes add a weaker smooth
+    pattern of their own, so classes of one super-class look alike. Images are 16x16 by
+    default to keep CPU smoke runs fast (the CIFAR networks take any size >= 8). A sample is its
+    class template, shifted by a few pixels, blended with a random class of (mostly)
+    the same super-class, rescaled in contrast and noised. The blending is what makes
+    within-super-class confusions common, as on CIFAR-100.
+    """
+    rng = np.random.default_rng(seed)
+    C = superclasses * classes_per_superclass
+    superclass_of = np.repeat(np.arange(superclasses), classes_per_superclass)
+    templates = (_smooth_field(rng, superclasses, 4, size)[superclass_of]
+                 + 1.0 * _smooth_field(rng, C, 6, size))
+
+    def draw(per_class: int):
+        labels = np.repeat(np.arange(C), per_class)
+        n = len(labels)
+        same_super = rng.random(n) < 0.8
+        partner_in_super = superclass_of[labels] * classes_per_superclass + rng.integers(0, classes_per_superclass, n)
+        partner = np.where(same_super, partner_in_super, rng.integers(0, C, n))
+        mix = rng.uniform(0.0, 0.45, n)[:, None, None, None]
+        x = (1 - mix) * templates[labels] + mix * templates[partner]
+        shifts = rng.integers(-(size // 8), size // 8 + 1, (n, 2))
+        x = np.stack([np.roll(xi, tuple(s), axis=(1, 2)) for xi, s in zip(x, shifts)])
+        x = x * rng.uniform(0.8, 1.2, (n, 1, 1, 1)) + 0.2 * rng.standard_normal(x.shape)
+        images = np.clip(128 + 45 * x, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+        return np.ascontiguousarray(images), labels.astype(np.int64)
+
+    xtr, ytr = draw(train_per_class)
+    xte, yte = draw(test_per_class)
+    classes = [f"s{s}c{c}" for s in range(superclasses) for c in range(classes_per_superclass)]
+    return Dataset("synthetic", xtr, ytr, xte, yte, classes, superclass_of,
+                   [f"super{s}" for s in range(superclasses)])
+
+
+def load_dataset(name: str, root: str | Path | None = None, download: bool = False) -> Dataset:
+    """Load a data set by name (see module docstring). ``root`` overrides ``$CDLIB_DATA``."""
+    if name in _CIFAR:
+        return load_cifar(name, Path(root) if root else None, download)
+    if name.startswith("imagefolder:"):
+        folder = Path(name.split(":", 1)[1])
+        if root and not folder.is_absolute():
+            folder = Path(root) / folder
+        return load_imagefolder(folder)
+    if name == "synthetic":
+        return synthetic()
+    raise DataError(f"unknown data set {name!r}; use cifar100, cifar10, imagefolder:<folder> or synthetic.")
+
+
+# --------------------------------------------------------------------------- on the device
+
+class DeviceData:
+    """The whole data set on one device, augmented there in batch.
+
+    Augmentation order follows the paper's code: random crop (zero padding 4),
+    horizontal flip, random rotation (nearest, zero fill), then normalisation with
+    the training set's per-channel mean and std.
+    """
+
+    def __init__(self, dataset: Dataset, device: torch.device | str, rotation: float = 15.0, pad: int = 4):
+        self.device = torch.device(device)
+        to = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
+        self.train_images = to(dataset.train_images).permute(0, 3, 1, 2).contiguous()
+        self.test_images = to(dataset.test_images).permute(0, 3, 1, 2).contiguous()
+        self.train_labels = to(dataset.train_labels)
+        self.test_labels = to(dataset.test_labels)
+        self.num_classes = dataset.num_classes
+        self.rotation = rotation
+        self.pad = pad
+        pixels = dataset.train_images.reshape(-1, 3).astype(np.float64) / 255
+        self.mean = torch.tensor(pixels.mean(0), dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(pixels.std(0), dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_labels)
+
+    def normalise(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        return (images_uint8.float() / 255 - self.mean) / self.std
+
+    def augment(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Augmented, normalised float images of the given training indices."""
+        x = self.train_images[indices].float() / 255
+        B, _, H, W = x.shape
+        p = self.pad
+        # Random crop: pad once, then gather each image's window at its own offset.
+        padded = F.pad(x, (p, p, p, p))
+        dy = torch.randint(0, 2 * p + 1, (B,), device=self.device, generator=generator)
+        dx = torch.randint(0, 2 * p + 1, (B,), device=self.device, generator=generator)
+        rows = (dy[:, None] + torch.arange(H, device=self.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(W, device=self.device))[:, None, None, :]
+        x = padded[torch.arange(B, device=self.device)[:, None, None, None],
+                   torch.arange(3, device=self.device)[None, :, None, None], rows, cols]
+        flip = torch.rand(B, device=self.device, generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        if self.rotation:
+            angle = (torch.rand(B, device=self.device, generator=generator) * 2 - 1) * math.radians(self.rotation)
+            cos, sin = torch.cos(angle), torch.sin(angle)
+            theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1),
+                                 torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1)
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        return (x - self.mean) / self.std
+
+    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+        """One epoch of shuffled, augmented batches (the last one may be smaller, as in the paper's code)."""
+        order = torch.randperm(self.num_train, device=self.device, generator=generator)
+        for start in range(0, self.num_train, batch_size):
+            idx = order[start:start + batch_size]
+            yield Batch(self.augment(idx, generator), self.train_labels[idx], idx)
+
+    def test_batches(self, batch_size: int = 1000) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.test_labels), batch_size):
+            yield (self.normalise(self.test_images[start:start + batch_size]),
+                   self.test_labels[start:start + batch_size])

@@ -1,0 +1,681 @@
+"""The Interaction Tensor (Jiang, Baek & Kolter, ICLR 2024) as the paper applies it.
+
+Pipeline (PAPER.md section 4), for M models and N images:
+
+1. activations of each model (pooled penultimate layer by default);
+2. per model, PCA to K components: projections P_m (N x K);
+3. Pearson correlation between every pair of the M*K components over the N images;
+4. threshold gamma_corr = a percentile of |correlation| over cross-model pairs;
+5. greedy clustering ("Algorithm 1") of the M*K components into T features;
+6. presence: component k of model m is *on* for image n where its max-normalised
+   projection exceeds the model's presence percentile;
+7. Omega[m, n, t] = 1 iff some component of model m in feature t is on for image n.
+
+Omega (M x N x T, 1.8 GB as the authors' dense int32 for 60 models) is never
+materialised. :class:`InteractionTensor` keeps per-model presence (M x N x K bool)
+and the component -> feature map (M x K), builds one model's N x T slice on demand,
+and every group statistic is accumulated model by model from that compact form.
+
+The module ends with a generator of synthetic activations with planted features,
+used by the tests, the benchmark and sanity checks in the notebooks.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+LAYERS = ("pooled", "map")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch.device; None means CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# --------------------------------------------------------------------------------------
+# Step 1: activations
+# --------------------------------------------------------------------------------------
+
+def iter_activations(
+    models: Iterable[torch.nn.Module],
+    images: torch.Tensor,
+    layer: str = "pooled",
+    batch_size: int = 500,
+    device: str | torch.device | None = None,
+) -> Iterator[np.ndarray]:
+    """Yield each model's activations on ``images`` as an (N, D) float32 array.
+
+    ``images`` is an already-normalised float tensor (N, 3, H, W). ``layer="pooled"``
+    calls ``model.features(x)`` (the global-average-pooled penultimate vector),
+    ``layer="map"`` calls ``model.feature_map(x)`` and flattens (D, h, w) to D*h*w.
+    Feeding this generator straight into :func:`build_interaction_tensor` keeps one
+    model's activations in memory at a time, which matters for the 8192-wide "map"
+    layer. Each model is run in eval mode, without gradients, in float32 (autocast
+    is switched off so an enclosing bf16 context cannot leak in), and handed back in
+    its original mode and on its original device.
+    """
+    if layer not in LAYERS:
+        raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
+    device = resolve_device(device)
+    for model in models:
+        yield _model_activations(model, images, layer, batch_size, device)
+
+
+def collect_activations(
+    models: Iterable[torch.nn.Module],
+    images: torch.Tensor,
+    layer: str = "pooled",
+    batch_size: int = 500,
+    device: str | torch.device | None = None,
+) -> np.ndarray:
+    """All models' activations stacked as an (M, N, D) float32 array (see :func:`iter_activations`)."""
+    return np.stack(list(iter_activations(models, images, layer, batch_size, device)))
+
+
+def _model_activations(model, images, layer, batch_size, device) -> np.ndarray:
+    first_parameter = next(model.parameters(), None)
+    home = first_parameter.device if first_parameter is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval().to(device)
+    chunks = []
+    try:
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            for start in range(0, len(images), batch_size):
+                batch = images[start:start + batch_size].to(device, torch.float32)
+                if layer == "pooled":
+                    out = model.features(batch)
+                else:
+                    out = model.feature_map(batch).flatten(1)
+                chunks.append(out.float().cpu())
+    finally:
+        model.train(was_training).to(home)
+    return torch.cat(chunks).numpy()
+
+
+# --------------------------------------------------------------------------------------
+# Steps 2 and 6: per-model PCA and presence
+# --------------------------------------------------------------------------------------
+
+def principal_projections(
+    activations: np.ndarray | torch.Tensor,
+    n_components: int = 50,
+    centered: bool = True,
+    device: str | torch.device | None = None,
+) -> np.ndarray:
+    """Project one model's (N, D) activations on its top ``n_components`` principal axes.
+
+    Returns (N, K) float64, columns in descending order of variance, each oriented
+    by :func:`orient_components`. ``centered=False`` skips mean removal: the
+    uncentred SVD the released code used for the CD tensor.
+
+    The axes are eigenvectors of the smaller Gram matrix (D x D for pooled layers,
+    N x N when D > N), computed in float64 so that the threshold decisions downstream
+    do not hinge on rounding. All of the build's linear algebra runs in torch, on
+    ``device``, so that one BLAS thread pool does it all: on the 2-core benchmark
+    machine, numpy's OpenBLAS threads spinning beside torch's made a 512 x 512
+    eigendecomposition take seconds instead of 0.1 s.
+    """
+    x = torch.as_tensor(activations).to(device=resolve_device(device), dtype=torch.float64)
+    n, d = x.shape
+    if not 0 < n_components <= min(n, d):
+        raise ValueError(f"n_components must be in 1..{min(n, d)}, got {n_components}")
+    if centered:
+        x = x - x.mean(dim=0)
+    if d <= n:
+        _, axes = _top_eigenpairs(x.T @ x, n_components)
+        projections = x @ axes
+    else:
+        # Eigenvectors of x x^T are the left singular vectors; scaled by the singular
+        # values they are the projections themselves.
+        values, vectors = _top_eigenpairs(x @ x.T, n_components)
+        projections = vectors * values.clamp_min(0).sqrt()
+    return orient_components(projections.cpu().numpy())
+
+
+def _top_eigenpairs(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest eigenvalues of a symmetric matrix and their eigenvectors, largest first."""
+    if gram.device.type == "cpu":
+        # The tridiagonal reduction is a long chain of small steps whose threads mostly
+        # wait on each other: on 2 busy cores one thread took 0.1 s for D = 512 where
+        # two took 3-7 s.
+        with _torch_threads(1):
+            values, vectors = torch.linalg.eigh(gram)
+    else:
+        values, vectors = torch.linalg.eigh(gram)
+    return values[-k:].flip(0), vectors[:, -k:].flip(1)
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def orient_components(projections: np.ndarray) -> np.ndarray:
+    """Flip each column so that its largest-magnitude entry is positive.
+
+    A principal axis is defined only up to sign, and the presence rule is signed, so
+    the sign must be fixed by a convention, not left to the eigensolver. This is the
+    classic scikit-learn ``svd_flip`` convention on the scores: the image that loads
+    most strongly on a component loads positively, so the max-normalised column
+    reaches +1 and "on" means the component's strongest tail. (The released code
+    does not state one; its orientation is whatever its solver returned.)
+    """
+    strongest = np.abs(projections).argmax(axis=0)
+    signs = np.sign(projections[strongest, np.arange(projections.shape[1])])
+    signs[signs == 0] = 1.0
+    return projections * signs
+
+
+def presence(projections: np.ndarray, percentile: float = 90.0) -> np.ndarray:
+    """Which (image, component) pairs of one model are on: (N, K) bool.
+
+    Each column is divided by its max |value| over the N images; an entry is on
+    where that normalised value exceeds the ``percentile`` of the model's whole
+    N x K normalised matrix. The comparison is signed, as in the released code: only
+    the positive tail of a component can be on. Negating a column therefore moves
+    its "on" set to the other tail (and shifts the model's threshold, which is taken
+    over the negated matrix); :func:`orient_components` fixes which tail that is.
+    """
+    scale = np.abs(projections).max(axis=0)
+    normalised = projections / np.where(scale > 0, scale, 1.0)
+    return normalised > np.percentile(normalised, percentile)
+
+
+# --------------------------------------------------------------------------------------
+# Steps 3-5: cross-model correlation, threshold, greedy clustering
+# --------------------------------------------------------------------------------------
+
+def column_correlation(columns: np.ndarray, device: str | torch.device | None = None) -> np.ndarray:
+    """Pearson correlation between all columns of an (N, C) matrix: (C, C) float64.
+
+    With the M models' projections side by side (model-major, C = M*K), entry
+    [m*K + k, p*K + q] is Lambda[m, p, k, q] of the paper. A constant column (a
+    component with no variance) correlates 0 with everything rather than NaN.
+    """
+    z = torch.as_tensor(columns).to(device=resolve_device(device), dtype=torch.float64)
+    z = z - z.mean(dim=0)
+    std = z.std(dim=0, correction=0)
+    std[std == 0] = 1.0
+    z /= std
+    return (z.T @ z / len(z)).cpu().numpy()
+
+
+def correlation_threshold(abs_corr: np.ndarray, model_of: np.ndarray, percentile: float = 99.0) -> float:
+    """gamma_corr: the ``percentile`` of |Lambda| over all cross-model entries.
+
+    The population is every entry of the M x M x K x K tensor Lambda[m, p, k, q]
+    with m != p (both orders, as the tensor holds them). Same-model entries are left
+    out because they say nothing about whether two models share a feature: the
+    diagonal is 1 by definition and, after centred PCA, the other same-model entries
+    are exactly 0 (principal components are uncorrelated). Including them would put a
+    fraction 1/M of the mass at 0 and 1 and shift the threshold with the number of
+    models. ``model_of[c]`` is the model of column c of ``abs_corr``.
+    """
+    cross_model = model_of[:, None] != model_of[None, :]
+    return float(np.percentile(abs_corr[cross_model], percentile))
+
+
+def greedy_clusters(abs_corr: np.ndarray, gamma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Algorithm 1: cluster C components given their (C, C) |correlation| matrix.
+
+    Components are visited in order (model-major, then component). An unassigned one
+    opens a new cluster; every component whose |correlation| with it exceeds
+    ``gamma`` and exceeds the best |correlation| it has had so far joins that
+    cluster (moving out of its previous one). The "best so far" is kept as a float,
+    as intended; the released code kept it in an integer tensor, which truncates it
+    to 0 so that any later match above gamma steals the component. A cluster's
+    opener counts its self-correlation, 1, as its best, so it is never taken away and
+    no cluster is left empty. All components, including the opener's own model's,
+    are candidates, as in the algorithm; after centred PCA same-model correlations
+    are 0, so this matters only for the uncentred variant.
+
+    The result depends on the visiting order only where a component matches several
+    openers above gamma; where matches are unambiguous it is order-independent up to
+    relabelling.
+
+    Returns ``cluster_of`` (C,) int64 cluster ids 0..T-1 in order of opening, and
+    ``match_corr`` (C,) the |correlation| with which each component joined (1 for
+    openers).
+    """
+    n = len(abs_corr)
+    cluster_of = np.full(n, -1, dtype=np.int64)
+    match_corr = np.zeros(n)
+    n_clusters = 0
+    for opener in range(n):
+        if cluster_of[opener] >= 0:
+            continue
+        row = abs_corr[opener]
+        joins = (row > gamma) & (row > match_corr)
+        joins[opener] = True
+        cluster_of[joins] = n_clusters
+        match_corr[joins] = row[joins]
+        match_corr[opener] = 1.0
+        n_clusters += 1
+    return cluster_of, match_corr
+
+
+# --------------------------------------------------------------------------------------
+# The tensor
+# --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class InteractionTensor:
+    """Omega in compact form, with every parameter that produced it.
+
+    ``presence[m, n, k]``: component k of model m is on for image n (M x N x K bool);
+    ``cluster_of[m, k]``: the feature (cluster) t in 0..T-1 of that component;
+    ``match_corr[m, k]``: the |correlation| with which it joined (1 for openers).
+    """
+
+    presence: np.ndarray
+    cluster_of: np.ndarray
+    match_corr: np.ndarray
+    n_clusters: int
+    gamma_corr: float
+    n_components: int
+    centered: bool
+    corr_percentile: float
+    presence_percentile: float
+    layer: str
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each build stage; not saved
+
+    @property
+    def n_models(self) -> int:
+        return self.presence.shape[0]
+
+    @property
+    def n_images(self) -> int:
+        return self.presence.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.presence.nbytes + self.cluster_of.nbytes + self.match_corr.nbytes
+
+    def model_features(self, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """Model m's non-zero part of Omega: feature ids (U,) and an (N, U) bool slice.
+
+        U <= K: the distinct features model m's components belong to; column u is
+        the OR of the presence of m's components in feature ids[u].
+        """
+        clusters = self.cluster_of[m]
+        order = np.argsort(clusters, kind="stable")
+        ids, starts = np.unique(clusters[order], return_index=True)
+        on = np.logical_or.reduceat(self.presence[m][:, order], starts, axis=1)
+        return ids, on
+
+    def omega(self, m: int) -> np.ndarray:
+        """Omega[m] as an (N, T) bool array."""
+        ids, on = self.model_features(m)
+        out = np.zeros((self.n_images, self.n_clusters), dtype=bool)
+        out[:, ids] = on
+        return out
+
+    def save(self, path: str | Path) -> None:
+        """Write to a compressed ``.npz`` (presence packed to bits)."""
+        np.savez_compressed(
+            path,
+            presence_bits=np.packbits(self.presence, axis=1),
+            n_images=self.n_images,
+            cluster_of=self.cluster_of,
+            match_corr=self.match_corr,
+            **{name: getattr(self, name) for name in _SCALAR_FIELDS},
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> "InteractionTensor":
+        """Read what :meth:`save` wrote."""
+        with np.load(path) as stored:
+            presence_bits = np.unpackbits(stored["presence_bits"], axis=1, count=int(stored["n_images"]))
+            return cls(
+                presence=presence_bits.astype(bool),
+                cluster_of=stored["cluster_of"],
+                match_corr=stored["match_corr"],
+                **{name: kind(stored[name]) for name, kind in _SCALAR_FIELDS.items()},
+            )
+
+
+class _Stopwatch:
+    """Wall time accumulated per named stage: each lap is charged to the stage it ends."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
+        self._last = now
+
+
+# The tensor's scalar fields and their types, for saving and loading.
+_SCALAR_FIELDS = {
+    "n_clusters": int, "gamma_corr": float, "n_components": int, "centered": bool,
+    "corr_percentile": float, "presence_percentile": float, "layer": str,
+}
+
+
+def build_interaction_tensor(
+    activations: Iterable[np.ndarray | torch.Tensor],
+    *,
+    n_components: int = 50,
+    centered: bool = True,
+    corr_percentile: float = 99.0,
+    presence_percentile: float = 90.0,
+    layer: str = "pooled",
+    device: str | torch.device | None = None,
+) -> InteractionTensor:
+    """Build the Interaction Tensor from per-model activations.
+
+    ``activations``: an (M, N, D) array or any iterable of per-model (N, D) arrays,
+    e.g. :func:`iter_activations`, so that only one model's activations need be in
+    memory. ``layer`` names where they came from and is recorded, not used. Defaults
+    are the paper's: K = 50, centred PCA, gamma_corr at the 99th percentile of
+    cross-model |correlation|, presence above each model's 90th percentile.
+    ``device``: where the large products run (default: CUDA when available).
+    """
+    if layer not in LAYERS:
+        raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
+    watch = _Stopwatch()
+    projections, presences = [], []
+    for model_activations in activations:
+        watch.lap("activations")
+        projected = principal_projections(model_activations, n_components, centered, device)
+        watch.lap("pca")
+        presences.append(presence(projected, presence_percentile))
+        projections.append(projected)
+        watch.lap("presence")
+    watch.lap("activations")
+    n_models = len(projections)
+    if n_models < 2:
+        raise ValueError("the Interaction Tensor needs at least two models")
+
+    # Drop each copy of the projections as soon as the next exists (240 MB each at
+    # the paper's size).
+    columns = np.concatenate(projections, axis=1)
+    del projections
+    abs_corr = np.abs(column_correlation(columns, device))
+    del columns
+    # Rounding can push |r| of identical columns a hair above 1, where it would beat
+    # an opener's self-correlation.
+    np.minimum(abs_corr, 1.0, out=abs_corr)
+    watch.lap("correlation")
+
+    model_of = np.repeat(np.arange(n_models), n_components)
+    gamma = correlation_threshold(abs_corr, model_of, corr_percentile)
+    watch.lap("threshold")
+    cluster_of, match_corr = greedy_clusters(abs_corr, gamma)
+    watch.lap("clustering")
+
+    return InteractionTensor(
+        presence=np.stack(presences),
+        cluster_of=cluster_of.reshape(n_models, n_components).astype(np.int32),
+        match_corr=match_corr.reshape(n_models, n_components),
+        n_clusters=int(cluster_of.max()) + 1,
+        gamma_corr=gamma,
+        n_components=n_components,
+        centered=centered,
+        corr_percentile=corr_percentile,
+        presence_percentile=presence_percentile,
+        layer=layer,
+        stage_seconds=watch.seconds,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Statistics per group of models
+# --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class GroupStatistics:
+    """Feature usage of one group of models (baseline, student, teacher, cd, ...).
+
+    ``frequency[t]`` F_t: images on which some model of the group uses feature t;
+    ``features_per_image[n]``: features some model of the group uses on image n;
+    ``models_per_feature[t]``: models of the group that use feature t on some image;
+    ``num_features[n]``: sum over the group's models of the features each uses on
+    image n (the un-binarised y-axis of the paper's KDE plots);
+    ``confidence[n]``: true-class probability averaged over the group's models
+    (None when no probabilities were given).
+    """
+
+    name: str
+    models: tuple[int, ...]
+    frequency: np.ndarray
+    features_per_image: np.ndarray
+    models_per_feature: np.ndarray
+    num_features: np.ndarray
+    confidence: np.ndarray | None
+
+    @property
+    def used(self) -> np.ndarray:
+        """(T,) bool: features with F_t > 0."""
+        return self.frequency > 0
+
+    @property
+    def n_features(self) -> int:
+        """|F|: number of features the group uses."""
+        return int(self.used.sum())
+
+    @property
+    def mean_frequency(self) -> float:
+        """E[F]: mean F_t over the features the group uses."""
+        return float(self.frequency[self.used].mean()) if self.n_features else float("nan")
+
+    @property
+    def mean_features_per_image(self) -> float:
+        """D: mean over images of the features used on each."""
+        return float(self.features_per_image.mean())
+
+
+def group_statistics(
+    tensor: InteractionTensor,
+    name: str,
+    models: Sequence[int],
+    true_class_prob: np.ndarray | None = None,
+) -> GroupStatistics:
+    """Statistics of the models ``models`` (indices into the tensor) under ``name``.
+
+    ``true_class_prob``: optional (M, N) array, the softmax probability each model
+    gives each image's true class. Works model by model on the compact form: the
+    largest array is one N x T bool (7.5 MB for the paper's tensor).
+    """
+    models = tuple(int(m) for m in models)
+    if not models or len(set(models)) != len(models):
+        raise ValueError(f"group {name!r} needs distinct model indices, got {models}")
+    used_on_image = np.zeros((tensor.n_images, tensor.n_clusters), dtype=bool)
+    models_per_feature = np.zeros(tensor.n_clusters, dtype=np.int64)
+    num_features = np.zeros(tensor.n_images, dtype=np.int64)
+    for m in models:
+        ids, on = tensor.model_features(m)
+        used_on_image[:, ids] |= on
+        models_per_feature[ids] += on.any(axis=0)
+        num_features += on.sum(axis=1)
+    confidence = None
+    if true_class_prob is not None:
+        true_class_prob = np.asarray(true_class_prob, dtype=np.float64)
+        if true_class_prob.shape != (tensor.n_models, tensor.n_images):
+            raise ValueError(f"true_class_prob must be (M, N) = {(tensor.n_models, tensor.n_images)}")
+        confidence = true_class_prob[list(models)].mean(axis=0)
+    return GroupStatistics(
+        name=name,
+        models=models,
+        frequency=used_on_image.sum(axis=0),
+        features_per_image=used_on_image.sum(axis=1),
+        models_per_feature=models_per_feature,
+        num_features=num_features,
+        confidence=confidence,
+    )
+
+
+def shared_features(groups: Sequence[GroupStatistics]) -> np.ndarray:
+    """(T,) bool: features used (F_t > 0) by every one of ``groups``."""
+    return np.logical_and.reduce([g.used for g in groups])
+
+
+def shared_frequencies(groups: Sequence[GroupStatistics]) -> dict[str, np.ndarray]:
+    """Each group's F_t restricted to the features all ``groups`` share."""
+    common = shared_features(groups)
+    return {g.name: g.frequency[common] for g in groups}
+
+
+# The paper's numbers for its 60-model tensor (20 baselines, 20 students, 20 teachers).
+# Pairwise counts include the features shared by all three: the exclusive reading
+# would need |student| >= 70 + 132 + 170 = 372 > 281.
+PAPER_KD_GROUPS = frozenset({"baseline", "student", "teacher"})
+PAPER_KD_SUMMARY = {
+    ("features |F|", "baseline"): 531,
+    ("features |F|", "student"): 281,
+    ("features |F|", "teacher"): 264,
+    ("mean frequency E[F]", "baseline"): 1329,
+    ("mean frequency E[F]", "student"): 2121,
+    ("mean frequency E[F]", "teacher"): 2243,
+    ("features shared by all groups", PAPER_KD_GROUPS): 70,
+    ("mean frequency of features shared by all", "baseline"): 2938,
+    ("mean frequency of features shared by all", "student"): 3043,
+    ("mean frequency of features shared by all", "teacher"): 3118,
+    ("features shared by the pair", frozenset({"baseline", "student"})): 132,
+    ("features shared by the pair", frozenset({"baseline", "teacher"})): 96,
+    ("features shared by the pair", frozenset({"student", "teacher"})): 170,
+    ("features per image D", "baseline"): 71,
+    ("features per image D", "student"): 60,
+    ("features per image D", "teacher"): 59,
+}
+
+
+def summary_table(groups: Sequence[GroupStatistics]) -> pd.DataFrame:
+    """The paper's Section 3 statistics for ``groups``, with the paper's values beside ours.
+
+    Columns: statistic, groups, paper, ours. The paper column is filled only when
+    the groups are exactly baseline, student and teacher (its 60-model tensor); the
+    CD numbers of its Section 4.3 are internally inconsistent and are not listed.
+    """
+    names = [g.name for g in groups]
+    paper = PAPER_KD_SUMMARY if frozenset(names) == PAPER_KD_GROUPS else {}
+    rows = []
+
+    def add(statistic: str, members: Sequence[str], ours: float) -> None:
+        key = members[0] if len(members) == 1 else frozenset(members)
+        rows.append({"statistic": statistic, "groups": " & ".join(members),
+                     "paper": paper.get((statistic, key), np.nan), "ours": ours})
+
+    for g in groups:
+        add("features |F|", [g.name], g.n_features)
+    for g in groups:
+        add("mean frequency E[F]", [g.name], g.mean_frequency)
+    common = shared_frequencies(groups)
+    add("features shared by all groups", names, int(shared_features(groups).sum()))
+    for g in groups:
+        shared = common[g.name]
+        add("mean frequency of features shared by all", [g.name], float(shared.mean()) if shared.size else np.nan)
+    if len(groups) > 2:
+        for a, b in itertools.combinations(groups, 2):
+            add("features shared by the pair", [a.name, b.name], int(shared_features([a, b]).sum()))
+    for g in groups:
+        add("features per image D", [g.name], g.mean_features_per_image)
+    return pd.DataFrame(rows, columns=["statistic", "groups", "paper", "ours"])
+
+
+# --------------------------------------------------------------------------------------
+# Synthetic activations with planted features
+# --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class PlantedFeatures:
+    """Activations of M synthetic "models" built from known binary latent features.
+
+    ``supports[l]`` (N,) bool: the images on which latent feature l is on. Features
+    0..n_shared-1 are shared (several models see each); the rest are private, one
+    model each. ``features_of[m]`` (K,): the latent features model m sees.
+    Model m's activations are sum_l amplitude[m, l] * supports[l] * axis[m, l] plus
+    Gaussian noise, with orthonormal random axes in D dimensions (a random rotation
+    per model). Amplitudes give each model's features variances spread evenly on a
+    log scale over a decade, so that PCA can tell them apart; every model's features
+    are on for exactly ``on_fraction * N * K`` (image, feature) pairs, so that the
+    presence rule at the ``100 * (1 - on_fraction)`` percentile separates on from
+    off exactly.
+    """
+
+    supports: np.ndarray
+    features_of: np.ndarray
+    n_shared: int
+    n_dims: int
+    noise: float
+    seed: int
+
+    @property
+    def n_models(self) -> int:
+        return len(self.features_of)
+
+    def activations(self, m: int) -> np.ndarray:
+        """Model m's (N, D) float32 activations; regenerated identically on every call."""
+        rng = np.random.default_rng([self.seed, 1, m])
+        features = self.features_of[m]
+        codes = self.supports[features].T.astype(np.float64)          # (N, K)
+        on_fraction = codes.mean(axis=0)
+        variance = np.logspace(0.0, -1.0, len(features))[rng.permutation(len(features))]
+        amplitude = np.sqrt(variance / (on_fraction * (1.0 - on_fraction)))
+        # Linear algebra in torch, like the build, so that one BLAS thread pool serves
+        # both (see principal_projections).
+        axes = torch.linalg.qr(torch.from_numpy(rng.standard_normal((self.n_dims, len(features))))).Q
+        clean = (torch.from_numpy(codes * amplitude) @ axes.T).float().numpy()
+        return clean + np.float32(self.noise) * rng.standard_normal(clean.shape, dtype=np.float32)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self.activations(m) for m in range(self.n_models))
+
+
+def planted_features(
+    n_models: int,
+    n_images: int,
+    n_dims: int,
+    n_shared: int,
+    shared_per_model: int,
+    private_per_model: int,
+    on_fraction: float = 0.1,
+    noise: float = 0.05,
+    seed: int = 0,
+) -> PlantedFeatures:
+    """Draw a :class:`PlantedFeatures` problem (see there).
+
+    Each model sees ``shared_per_model`` of the ``n_shared`` shared features, drawn
+    at random, and ``private_per_model`` features of its own (K is their sum).
+    Shared features are on for between 0.5 and 1.5 times ``on_fraction * N``
+    images; private ones take up the rest of the model's exact quota.
+    """
+    rng = np.random.default_rng([seed, 0])
+    n_per_model = shared_per_model + private_per_model
+    quota = on_fraction * n_images * n_per_model
+    if private_per_model < 1 or not quota.is_integer() or not 0 < on_fraction < 2 / 3:
+        raise ValueError("need private features, 0 < on_fraction < 2/3 (no feature on for every image) "
+                         "and an integer on_fraction * N * K to fill the quota exactly")
+    shared_counts = np.rint(on_fraction * n_images * rng.uniform(0.5, 1.5, n_shared)).astype(int)
+    features_of, counts = [], list(shared_counts)
+    for m in range(n_models):
+        shared = np.sort(rng.choice(n_shared, shared_per_model, replace=False))
+        left = int(quota) - int(shared_counts[shared].sum())
+        private_counts = [left // private_per_model + (i < left % private_per_model) for i in range(private_per_model)]
+        if min(private_counts) < 1 or max(private_counts) >= n_images:
+            raise ValueError(f"model {m}: private features cannot fill the quota; add private features")
+        private = n_shared + m * private_per_model + np.arange(private_per_model)
+        features_of.append(np.concatenate([shared, private]))
+        counts.extend(private_counts)
+    supports = np.zeros((len(counts), n_images), dtype=bool)
+    for feature, count in enumerate(counts):
+        supports[feature, rng.choice(n_images, count, replace=False)] = True
+    return PlantedFeatures(supports=supports, features_of=np.array(features_of), n_shared=n_shared,
+                           n_dims=n_dims, noise=noise, seed=seed)

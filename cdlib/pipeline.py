@@ -1,0 +1,74 @@
+"""Execute the notebooks in order with papermill: ``python -m cdlib.pipeline [--profile P] [--only 01,03]``.
+
+Each notebook gets the same parameters (profile, data set, data root, device) and
+is written, executed, to ``outputs/notebooks/``. The pipeline stops at the first
+failing notebook and prints the failing cell and its error. Training results are
+cached in the run store, so rerunning after a failure or an interruption only
+redoes what is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import paths
+
+
+def notebooks(only: list[str] | None = None) -> list[Path]:
+    found = sorted(paths.NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        found = [nb for nb in found if nb.name[:2] in only]
+        missing = set(only) - {nb.name[:2] for nb in found}
+        if missing:
+            raise SystemExit(f"no notebook numbered {sorted(missing)} in {paths.NOTEBOOKS}")
+    return found
+
+
+def run_notebook(notebook: Path, parameters: dict, kernel: str | None = None) -> Path:
+    import papermill
+
+    out_dir = paths.executed_notebooks()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    output = out_dir / notebook.name
+    papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name=kernel,
+                               cwd=str(paths.NOTEBOOKS), progress_bar=False, log_output=True)
+    return output
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="auto", help="smoke | quick | paper | auto (paper with CUDA, else smoke)")
+    parser.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 01,03")
+    parser.add_argument("--dataset", default=None, help="override the profile's data set (e.g. cifar10)")
+    parser.add_argument("--data-root", default=None, help="folder holding the data sets (default $CDLIB_DATA)")
+    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:1 (default: cuda if available)")
+    parser.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
+    args = parser.parse_args(argv)
+
+    from papermill.exceptions import PapermillExecutionError
+
+    from .profiles import get_profile
+    profile = get_profile(args.profile, args.dataset).name  # announces what 'auto' chose
+    parameters = {"profile": profile, "dataset": args.dataset, "data_root": args.data_root, "device": args.device}
+    selected = notebooks(args.only.split(",") if args.only else None)
+    print(f"pipeline: {len(selected)} notebooks, profile {profile}, outputs in {paths.outputs()}")
+    for nb in selected:
+        start = time.perf_counter()
+        print(f"-> {nb.name}", flush=True)
+        try:
+            output = run_notebook(nb, parameters, args.kernel)
+        except PapermillExecutionError as err:
+            print(f"\nFAILED: {nb.name}, cell {err.cell_index}:\n{'-' * 60}\n{err.source}\n{'-' * 60}\n"
+                  f"{err.ename}: {err.evalue}\n\nExecuted copy with the traceback: "
+                  f"{paths.executed_notebooks() / nb.name}\nFix the cause and rerun; finished runs are kept.",
+                  file=sys.stderr)
+            return 1
+        print(f"   done in {time.perf_counter() - start:.0f} s -> {output}", flush=True)
+    print(f"pipeline finished: figures in {paths.figures()}, tables in {paths.tables()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
