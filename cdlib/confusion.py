@@ -278,13 +278,23 @@ def shuffle_offdiagonal(a, seed=None) -> np.ndarray:
     return a
 
 
+def shuffled_values(a, b, num_shuffles: int = 100, seed=0) -> pd.DataFrame:
+    """The null distribution: one row per shuffled copy of ``b``, a column per measure of
+    ``a`` against it (``shuffle_offdiagonal``, copies drawn from one generator seeded by ``seed``)."""
+    if num_shuffles < 2:
+        raise ValueError(f"need at least 2 shuffles for a spread, got {num_shuffles}")
+    rng = np.random.default_rng(seed)
+    a, b = _pair(a, b)
+    return pd.DataFrame([similarity(a, shuffle_offdiagonal(b, rng)) for _ in range(num_shuffles)],
+                        columns=list(MEASURES))
+
+
 def shuffled_control(a, b, num_shuffles: int = 100, seed=0) -> dict[str, tuple[float, float]]:
     """Measures of ``a`` against ``num_shuffles`` shuffled copies of ``b``: measure -> (mean, std).
 
     The std is the sample std (ddof = 1) of the null distribution.
     """
-    rng = np.random.default_rng(seed)
-    values = pd.DataFrame([similarity(a, shuffle_offdiagonal(b, rng)) for _ in range(num_shuffles)])
+    values = shuffled_values(a, b, num_shuffles, seed)
     return {m: (float(values[m].mean()), float(values[m].std(ddof=1))) for m in MEASURES}
 
 

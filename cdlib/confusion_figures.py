@@ -120,3 +120,78 @@ def plot_spectra(
     ax.set_ylabel("singular value / sum")
     ax.legend(frameon=False)
     return _finish(fig, name, folder)
+
+
+_LABELS = {"pearson": "Pearson", "cosine": "cosine", "soft_jaccard": "soft Jaccard",
+           "spearman": "Spearman", "spectral_overlap": "spectral overlap"}
+
+
+def plot_shuffled_control(
+    null: pd.DataFrame,
+    observed: Mapping[str, float],
+    ceiling: Mapping[str, float] | None = None,
+    measures: Sequence[str] = ("pearson", "cosine", "soft_jaccard", "spearman"),
+    name: str | None = None,
+    folder=None,
+):
+    """One panel per measure: the histogram of the shuffled-Q null distribution (``null``, a
+    column per measure, e.g. ``confusion.shuffled_values``), the observed value (solid), the
+    teacher-vs-teacher ceiling (dotted) and the paper's value (dashed) where there is one."""
+    fig, axes = plt.subplots(1, len(measures), figsize=(2.1 * len(measures) + 0.4, 2.3), squeeze=False,
+                             layout="constrained")
+    for ax, measure in zip(axes[0], measures):
+        ax.hist(null[measure], bins=20, color="0.6", label="shuffled Q")
+        ax.axvline(observed[measure], color=GROUP_COLORS["baseline"], lw=1.5, label="baseline Q")
+        if ceiling is not None and measure in ceiling:
+            ax.axvline(ceiling[measure], color=GROUP_COLORS["teacher"], lw=1.2, ls=":", label="teacher' M")
+        if measure in confusion.PAPER_VALUES:
+            ax.axvline(confusion.PAPER_VALUES[measure], color="k", lw=0.8, ls="--", label="paper")
+        ax.set_title(_LABELS.get(measure, measure))
+        ax.set_xlabel("similarity to teacher M")
+        ax.set_yticks([])
+        ax.spines["left"].set_visible(False)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if "paper" not in labels:  # take the paper's line from a panel that has one
+        for ax in axes[0]:
+            h, lab = ax.get_legend_handles_labels()
+            if "paper" in lab:
+                handles, labels = h, lab
+                break
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
+    return _finish(fig, name, folder)
+
+
+def plot_similarity_curves(
+    epochs: pd.DataFrame,
+    measures: Sequence[str] = ("pearson", "cosine", "soft_jaccard"),
+    control: Mapping[str, tuple[float, float]] | None = None,
+    name: str | None = None,
+    folder=None,
+):
+    """Measures over training epochs, one colour per model group: the mean over the group's
+    runs with a min-max band (``epochs`` is the long frame of ``dark_knowledge.analyse``:
+    columns group, run_id, epoch and the measures), the paper's value dashed and, if
+    given, the shuffled control of the final matrices as a grey mean ± 2 std band."""
+    groups = list(dict.fromkeys(epochs["group"]))
+    fig, axes = plt.subplots(1, len(measures), figsize=(2.6 * len(measures) + 0.4, 2.5), squeeze=False,
+                             layout="constrained")
+    for ax, measure in zip(axes[0], measures):
+        if control is not None and measure in control:
+            mean, std = control[measure]
+            ax.axhspan(mean - 2 * std, mean + 2 * std, color="0.85", lw=0, label="shuffled Q (±2 std)")
+        for i, group in enumerate(groups):
+            frame = epochs[epochs["group"] == group]
+            stats = frame.groupby("epoch")[measure].agg(["mean", "min", "max"])
+            n = frame["run_id"].nunique()
+            color = _color(group, i)
+            ax.plot(stats.index, stats["mean"], color=color, lw=1.3, label=f"{group} (n={n})")
+            if n > 1:
+                ax.fill_between(stats.index, stats["min"], stats["max"], color=color, alpha=0.2, lw=0)
+        if measure in confusion.PAPER_VALUES:
+            ax.axhline(confusion.PAPER_VALUES[measure], color="k", ls="--", lw=0.8, label="paper")
+        ax.set_title(_LABELS.get(measure, measure))
+        ax.set_xlabel("epoch")
+    axes[0, 0].set_ylabel("similarity to teacher M")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
+    return _finish(fig, name, folder)

@@ -36,6 +36,83 @@ def kd_students(profile: Profile, T: float = 2.0, w_kd: float = 0.85, w_ce: floa
             for s, t in enumerate(teachers(profile))]
 
 
+# Table 2's methods: objective, its arguments, and the length of the schedule in paper epochs.
+# CD runs use the leak-free default source; "cd300-test" reproduces the released code's
+# test-set confusion (a documented leak); the last three rows are the referee's ablations.
+TABLE2_METHODS = {
+    "baseline": ("ce", {}, 200),
+    "ls": ("ls", {"eps": 0.1}, 200),
+    "tfkd_reg": ("tfkd_reg", {}, 200),
+    "cskd": ("cskd", {}, 200),
+    "pskd": ("pskd", {}, 300),
+    "cd200": ("cd", {"schedule": [30, 30, 30, 30, 80], "w_soft": 0.7, "w_ce": 0.3}, 200),
+    "cd300": ("cd", {"schedule": [30, 30, 60, 30, 150], "w_soft": 0.7, "w_ce": 0.3}, 300),
+    "cd300-test": ("cd", {"schedule": [30, 30, 60, 30, 150], "source": "test", "allow_test_leak": True}, 300),
+    "cd300-diagonal": ("cd", {"schedule": [30, 30, 60, 30, 150], "targets": "diagonal"}, 300),
+    "cd300-shuffled": ("cd", {"schedule": [30, 30, 60, 30, 150], "targets": "shuffled"}, 300),
+    "cd300-static": ("cd", {"schedule": [30, 30, 60, 30, 150], "targets": "static"}, 300),
+}
+
+# Table 1: (label, loss weights soft:CE, schedule in epochs alternating hard/soft from hard; None = CE).
+TABLE1_ROWS = [
+    ("CE 200 ep", None, None, 75.61),
+    ("0.85:0.15 3H17S", (0.85, 0.15), [30, 170], 66.34),
+    ("0.85:0.15 6H14S", (0.85, 0.15), [60, 140], 73.47),
+    ("0.5:0.5 3H3S3H3S2H2S2H2S", (0.5, 0.5), [30, 30, 30, 30, 20, 20, 20, 20], 76.11),
+    ("0.85:0.15 3H3S3H3S2H2S2H2S", (0.85, 0.15), [30, 30, 30, 30, 20, 20, 20, 20], 75.64),
+    ("0.7:0.3 3H3S3H3S2H2S2H2S", (0.7, 0.3), [30, 30, 30, 30, 20, 20, 20, 20], 76.44),
+    ("0.7:0.3 3H3S3H3S8H", (0.7, 0.3), [30, 30, 30, 30, 80], 76.96),
+    ("0.7:0.3 14H2S2H2S", (0.7, 0.3), [140, 20, 20, 20], 75.78),
+    ("0.7:0.3 2H2S4H2S10H", (0.7, 0.3), [20, 20, 40, 20, 100], 76.75),
+    ("0.7:0.3 300 ep 3H3S6H3S15H", (0.7, 0.3), [30, 30, 60, 30, 150], 77.14),
+    ("0.7:0.3 300 ep 4.5H4.5S4.5H4.5S12H", (0.7, 0.3), [45, 45, 45, 45, 120], 76.93),
+]
+
+
+def method_config(profile: Profile, method: str, arch: str, seed: int) -> TrainConfig:
+    """One Table 2 cell: ``method`` on ``arch``; schedules are scaled to the profile's epochs."""
+    objective, args, paper_epochs = TABLE2_METHODS[method]
+    args = dict(args)
+    if "schedule" in args:
+        args["schedule"] = [profile.scaled(e) for e in args["schedule"]]
+        epochs = sum(args["schedule"])
+    else:
+        epochs = profile.scaled(paper_epochs)
+    return profile.recipe(name=f"{method}-{arch}", arch=arch, seed=seed, epochs=epochs,
+                          objective=objective, objective_args=args)
+
+
+def table2(profile: Profile) -> dict[str, list[TrainConfig]]:
+    """Table 2: every method on every network of the profile, ``profile.seeds`` seeds each."""
+    return {method: [method_config(profile, method, arch, s) for arch in profile.table_archs
+                     for s in range(profile.seeds)] for method in TABLE2_METHODS}
+
+
+def table1(profile: Profile, seed: int = 0) -> list[tuple[str, TrainConfig, float]]:
+    """Table 1's schedule and weight sweep on the student network (one seed, as in the paper):
+    (label, config, the paper's top-1)."""
+    rows = []
+    for label, weights, schedule, paper_top1 in TABLE1_ROWS:
+        if weights is None:
+            config = baseline(profile, profile.student_arch, seed)
+        else:
+            scaled = [profile.scaled(e) for e in schedule]
+            config = profile.recipe(
+                name=f"cd-{profile.student_arch}", arch=profile.student_arch, seed=seed, epochs=sum(scaled),
+                objective="cd", objective_args={"schedule": scaled, "w_soft": weights[0], "w_ce": weights[1]})
+            for method in ("cd200", "cd300"):  # rows that are Table 2 runs reuse those runs
+                same = method_config(profile, method, profile.student_arch, seed)
+                if same == config.replace(name=same.name):
+                    config = same
+        rows.append((label, config, paper_top1))
+    return rows
+
+
+def cd_feature_models(profile: Profile) -> list[TrainConfig]:
+    """CD models for the baseline-vs-CD Interaction Tensor (Figure 3): CD-200, the baselines' epoch budget."""
+    return [method_config(profile, "cd200", profile.student_arch, s) for s in range(profile.feature_models)]
+
+
 def unique(configs: list[TrainConfig]) -> list[TrainConfig]:
     """Drop repeated configs, keeping the first occurrence (order is the training order)."""
     seen, out = set(), []
@@ -51,6 +128,10 @@ def notebook_plan(profile: Profile, notebook: str) -> list[TrainConfig]:
     plans = {
         "01": lambda: feature_baselines(profile) + table_baselines(profile) + teachers(profile),
         "02": lambda: teachers(profile) + kd_students(profile),
+        "03": lambda: feature_baselines(profile) + teachers(profile) + kd_students(profile),
+        "04": lambda: feature_baselines(profile) + teachers(profile),
+        "05": lambda: ([c for _, c, _ in table1(profile)] + [c for cs in table2(profile).values() for c in cs]
+                       + feature_baselines(profile) + cd_feature_models(profile)),
     }
     if notebook not in plans:
         raise ValueError(f"no plan for notebook {notebook!r}; known: {sorted(plans)}")

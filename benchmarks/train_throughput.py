@@ -1,0 +1,123 @@
+"""Training throughput of the cdlib loop against the conventional loop of the paper's code.
+
+Both train the same network on the same images in the same process:
+- reference: torchvision transforms on PIL images in DataLoader workers (crop, flip,
+  rotation, ToTensor, Normalize), float32, batch 128, ``loss.item()`` every step;
+- cdlib: the data set resident on the device as uint8, augmentation in batch there,
+  bf16 autocast + channels_last on CUDA, no host synchronisation in the step.
+Prints images/s of both and their ratio; ``--record`` appends a row to docs/BENCHMARKS.md.
+
+    python benchmarks/train_throughput.py                   # CPU: width 1/4 ResNet-18
+    python benchmarks/train_throughput.py --arch resnet50   # CUDA: full width by default
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import subprocess
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cdlib import paths
+from cdlib.config import TrainConfig
+from cdlib.data import Dataset, DeviceData
+from cdlib.models import build_model
+from cdlib.train import Trainer
+
+
+def random_cifar(n: int, num_classes: int = 100, seed: int = 0) -> Dataset:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, num_classes, n).astype(np.int64)
+    return Dataset("random", images, labels, images[:1000], labels[:1000], [str(i) for i in range(num_classes)])
+
+
+def reference_images_per_second(ds: Dataset, arch: str, width: float, device, steps: int, workers: int) -> float:
+    import torchvision.transforms as T
+    from PIL import Image
+
+    mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.RandomRotation(15),
+                           T.ToTensor(), T.Normalize(mean, std)])
+
+    class PilDataset(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(ds.train_labels)
+
+        def __getitem__(self, i):
+            return transform(Image.fromarray(ds.train_images[i])), int(ds.train_labels[i])
+
+    loader = torch.utils.data.DataLoader(PilDataset(), batch_size=128, shuffle=True, num_workers=workers,
+                                         pin_memory=device.type == "cuda", drop_last=True)
+    torch.manual_seed(0)
+    model = build_model(arch, ds.num_classes, width).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    warmup, seen, start = 3, 0, None
+    for i, (x, y) in enumerate(loader):
+        if i == warmup:
+            _sync(device)
+            start, seen = time.perf_counter(), 0
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss.item()  # the per-step host synchronisation of the paper's training script
+        seen += len(y)
+        if i == warmup + steps - 1:
+            break
+    _sync(device)
+    return seen / (time.perf_counter() - start)
+
+
+def cdlib_images_per_second(ds: Dataset, arch: str, width: float, device) -> float:
+    config = TrainConfig(arch=arch, width=width, epochs=2, rotation=15)
+    data = DeviceData(ds, device, rotation=15)
+    trainer = Trainer(config, device=device, data=data)
+    n = len(ds.train_labels)
+    trainer.train_epoch(progress=False)  # warm-up epoch (allocations, cuDNN autotuning)
+    _sync(device)
+    start = time.perf_counter()
+    trainer.train_epoch(progress=False)
+    _sync(device)
+    return n / (time.perf_counter() - start)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--width", type=float, default=1.0 if cuda else 0.25)
+    parser.add_argument("--steps", type=int, default=100 if cuda else 12, help="timed steps of batch 128")
+    parser.add_argument("--workers", type=int, default=4 if cuda else 2, help="DataLoader workers of the reference")
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--record", action="store_true", help="append the result to docs/BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    ds = random_cifar(128 * args.steps)
+    ref = reference_images_per_second(ds, args.arch, args.width, device, args.steps, args.workers)
+    ours = cdlib_images_per_second(ds, args.arch, args.width, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    print(f"device: {name}; {args.arch} width {args.width}; batch 128; {args.steps} timed steps")
+    print(f"reference loop (DataLoader + torchvision, fp32): {ref:10.0f} images/s")
+    print(f"cdlib loop (on-device data and augmentation):   {ours:10.0f} images/s")
+    print(f"ratio cdlib / reference: {ours / ref:.2f}x")
+    if args.record:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=paths.REPO).stdout.strip()
+        row = (f"| {datetime.date.today()} | {commit} | {name} | torch {torch.__version__} | {args.arch} x{args.width} "
+               f"| {ref:.0f} | {ours:.0f} | {ours / ref:.2f}x |\n")
+        with open(paths.REPO / "docs" / "BENCHMARKS.md", "a") as f:
+            f.write(row)
+
+
+if __name__ == "__main__":
+    main()
