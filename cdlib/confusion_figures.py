@@ -106,22 +106,33 @@ def plot_similarity_over_epochs(
 def plot_spectra(
     matrices: Mapping[str, np.ndarray],
     top: int | None = None,
+    floor: float | None = 1e-4,
+    styles: Mapping[str, dict] | None = None,
     name: str | None = None,
     folder=None,
 ):
     """Normalised singular values of each matrix's off-diagonal part against rank
-    (log scale), with the effective rank in the legend. ``top`` limits the ranks shown."""
+    (log scale), with the effective rank in the legend. ``top`` limits the ranks shown;
+    ``floor`` cuts the axis at that fraction of the largest value, so that numerically
+    zero singular values (a matrix of rank < C) do not squash the rest; ``styles`` maps
+    a label to extra line properties (colour, linestyle)."""
     fig, ax = plt.subplots(figsize=(3.6, 2.8))
+    largest = 0.0
     for i, (label, a) in enumerate(matrices.items()):
         s = confusion.offdiag_spectrum(a)[:top]
-        ax.semilogy(np.arange(1, len(s) + 1), s, color=_color(label, i), lw=1.2,
-                    label=f"{label} (eff. rank {confusion.effective_rank(a):.1f})")
+        largest = max(largest, float(s.max()) if s.size else 0.0)
+        style = {"color": _color(label, i), "lw": 1.2, **(styles or {}).get(label, {})}
+        ax.semilogy(np.arange(1, len(s) + 1), s, label=f"{label} (eff. rank {confusion.effective_rank(a):.1f})",
+                    **style)
+    if floor is not None and largest > 0:
+        ax.set_ylim(bottom=floor * largest, top=2 * largest)
     ax.set_xlabel("rank")
     ax.set_ylabel("singular value / sum")
     ax.legend(frameon=False)
     return _finish(fig, name, folder)
 
 
+_GROUP_NAMES = {"cd": "CD"}
 _LABELS = {"pearson": "Pearson", "cosine": "cosine", "soft_jaccard": "soft Jaccard",
            "spearman": "Spearman", "spectral_overlap": "spectral overlap"}
 
@@ -184,7 +195,7 @@ def plot_similarity_curves(
             stats = frame.groupby("epoch")[measure].agg(["mean", "min", "max"])
             n = frame["run_id"].nunique()
             color = _color(group, i)
-            ax.plot(stats.index, stats["mean"], color=color, lw=1.3, label=f"{group} (n={n})")
+            ax.plot(stats.index, stats["mean"], color=color, lw=1.3, label=f"{_GROUP_NAMES.get(group, group)} (n={n})")
             if n > 1:
                 ax.fill_between(stats.index, stats["min"], stats["max"], color=color, alpha=0.2, lw=0)
         if measure in confusion.PAPER_VALUES:

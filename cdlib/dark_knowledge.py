@@ -284,6 +284,8 @@ def analyse(profile: Profile, data_root=None, data=None, root: Path | None = Non
         if missing_cd:
             notes.append(f"CD models not in the run store (not trained here): {len(missing_cd)} of "
                          f"{len(missing_cd) + len(cd_runs)}; their curves are left out.")
+        for run in cd_runs:
+            check_labels(run, labels)
         curves = []
         for group, members in (("baseline", baselines[:n]), ("cd", cd_runs)):
             for i, run in enumerate(members):
@@ -354,8 +356,8 @@ def confusion_claim(result: DarkKnowledgeResult) -> claims.Claim:
               f"paired with {n} {result.teacher_arch} teacher(s)")
     links = _links(FIGURES.values(), "figures", "png") + _links(TABLES.values(), "tables", "md")
     return claims.Claim(
-        4, paper="Pearson 0.85, cosine 0.76, soft Jaccard 0.38 (CIFAR-100, ResNet-152 teacher M vs "
-                 "ResNet-18 baseline Q, one pair, no spread)",
+        4, paper="off-diagonal Pearson 0.85, cosine 0.76, soft Jaccard 0.38 (CIFAR-100 test set, ResNet-152 "
+                 "teacher M vs ResNet-18 baseline Q; no spread or control reported)",
         ours=ours, verdict=claims.SUPPORTED if supported else claims.NOT_SUPPORTED,
         rule=claim_rule(result.num_shuffles), source=source, links=links)
 
@@ -374,3 +376,43 @@ def claim_frame(result: DarkKnowledgeResult) -> pd.DataFrame:
         "z min": s["z min"].to_numpy(),
         f"z min > {Z_THRESHOLD:g}": (s["z min"] > Z_THRESHOLD).to_numpy(),
     })
+
+
+# ---------------------------------------------------------------------------
+# Figures of notebook 04 (thin wrappers of cdlib.confusion_figures)
+
+
+def plot_heatmaps(result: DarkKnowledgeResult, name: str | None = FIGURES["heatmaps"]):
+    """Teacher M, baseline Q and (when there is one) the second teacher's M of pair 0, classes
+    ordered by super-class (by label when the data set has none)."""
+    from . import confusion_figures as cfig
+    keys = [k for k in ("teacher M", "baseline Q", "teacher' M") if k in result.matrices]
+    return cfig.plot_confusion_heatmaps({k: result.matrices[k] for k in keys}, result.superclass_of,
+                                        result.superclasses, name=name)
+
+
+def plot_null(result: DarkKnowledgeResult, name: str | None = FIGURES["null"]):
+    """Pair 0: the shuffled-Q null distribution of each measure, the observed value, the ceiling."""
+    from . import confusion_figures as cfig
+    ceiling = result.comparison(CEILING_M)
+    return cfig.plot_shuffled_control(result.null, result.comparison(BASELINE).iloc[0],
+                                      ceiling.iloc[0] if len(ceiling) else None, name=name)
+
+
+def plot_spectra(result: DarkKnowledgeResult, name: str | None = FIGURES["spectra"]):
+    """Normalised off-diagonal spectra of pair 0's matrices (teachers green, baseline blue)."""
+    from . import confusion_figures as cfig
+    from .figures import GROUP_COLORS as colors
+    styles = {"teacher M": dict(color=colors["teacher"]), "teacher' M": dict(color=colors["teacher"], ls="--"),
+              "baseline Q": dict(color=colors["baseline"]),
+              "shuffled baseline Q": dict(color=colors["baseline"], ls=":")}
+    shown = {k: result.matrices[k] for k in styles if k in result.matrices}
+    return cfig.plot_spectra(shown, styles=styles, name=name)
+
+
+def plot_epochs(result: DarkKnowledgeResult, name: str | None = FIGURES["epochs"]):
+    """The paper's three measures over training epochs per model group, against the shuffled control."""
+    from . import confusion_figures as cfig
+    s = result.summary().set_index("measure")
+    control = {m: (s.loc[m, "shuffled mean"], s.loc[m, "shuffled std"]) for m in confusion.MEASURES}
+    return cfig.plot_similarity_curves(result.epochs, control=control, name=name)

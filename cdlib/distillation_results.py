@@ -102,26 +102,38 @@ def kd_groups(profile: Profile) -> dict[str, list[TrainConfig]]:
             "baseline": plans.feature_baselines(profile)}
 
 
-def kd_table(profile: Profile, root=None) -> pd.DataFrame:
+def kd_table(profile: Profile, root=None, numeric: bool = False) -> pd.DataFrame:
     """Teacher / KD student / baseline accuracy: one row per group.
 
-    Columns: model, arch, objective, n, final top-1 (mean ± std), 95% CI, best top-1,
-    best epoch (mean), final top-5, and the numeric means behind them.
+    Columns: model, arch, objective, epochs, n, final top-1 (mean ± std), 95% CI (half-width),
+    best top-1 (mean ± std), best epoch (mean), final top-5; with ``numeric`` also the
+    means behind the text columns (``final_top1_mean``, ``best_top1_mean``).
     """
     rows = []
     for group, configs in kd_groups(profile).items():
         s = _summary_row(load_runs(configs, root))
         first = configs[0]
-        objective = first.objective if first.objective != "kd" else (
+        objective = {"ce": "cross-entropy"}.get(first.objective, first.objective) if first.objective != "kd" else (
             "KD T={T:g}, {w_kd:g} KL + {w_ce:g} CE".format(**first.objective_args))
         rows.append({
             "model": group, "arch": arch_label(first.arch), "objective": objective, "epochs": first.epochs,
             "n": s["n"], "final top-1": _mean_std(s, "final_top1"), "95% CI": s["final_top1_ci95"],
             "best top-1": _mean_std(s, "best_top1"), "best epoch": s["best_epoch_mean"],
             "final top-5": _mean_std(s, "final_top5"),
-            "final_top1_mean": s["final_top1_mean"], "best_top1_mean": s["best_top1_mean"],
+            **({"final_top1_mean": s["final_top1_mean"], "best_top1_mean": s["best_top1_mean"]} if numeric else {}),
         })
     return pd.DataFrame(rows)
+
+
+def kd_metrics(profile: Profile, root=None) -> pd.DataFrame:
+    """Per-epoch metrics of the three KD groups (``runs.metrics_frame``) with a ``group`` column
+    such as "teacher (ResNet-34)", for ``figures.plot_learning_curves(..., by="group")``."""
+    frames = []
+    for group, configs in kd_groups(profile).items():
+        frame = run_store.metrics_frame(load_runs(configs, root))
+        frame["group"] = f"{group} ({arch_label(configs[0].arch)})"
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
 
 
 def kd_gain(profile: Profile, root=None) -> pd.DataFrame:
@@ -132,7 +144,7 @@ def kd_gain(profile: Profile, root=None) -> pd.DataFrame:
         a, b = _values(groups["KD student"], metric), _values(groups["baseline"], metric)
         t, p, note = welch(a, b)
         rows.append({"metric": metric, "KD student": a.mean(), "baseline": b.mean(),
-                     "difference": a.mean() - b.mean(), "t": t, "p (Welch)": p,
+                     "difference": a.mean() - b.mean(), "t": t, "p (Welch)": format_p(p),
                      "n student": len(a), "n baseline": len(b), "note": note})
     return pd.DataFrame(rows)
 
@@ -202,19 +214,33 @@ def table2_frame(profile: Profile, root=None) -> pd.DataFrame:
     for arch, group in long.groupby("arch", sort=False):
         group = group.set_index("method")
         name = arch_label(arch)
-        out[f"{name} final"] = [tables.format_mean_std(r["final_top1_mean"], r["final_top1_std"])
-                                for _, r in group.iterrows()]
+
+        def text(metric: str) -> pd.Series:
+            return pd.Series([tables.format_mean_std(m, sd) for m, sd in
+                              zip(group[f"{metric}_mean"], group[f"{metric}_std"])], index=group.index)
+
+        out[f"{name} final"] = text("final_top1")
         out[f"{name} 95% CI"] = group["final_top1_ci95"]
-        out[f"{name} best"] = [tables.format_mean_std(r["best_top1_mean"], r["best_top1_std"])
-                               for _, r in group.iterrows()]
+        out[f"{name} best"] = text("best_top1")
         out[f"{name} paper (best)"] = group["paper"]
-        out[f"{name} top-5"] = [tables.format_mean_std(r["final_top5_mean"], r["final_top5_std"])
-                                for _, r in group.iterrows()]
+        out[f"{name} top-5"] = text("final_top5")
         out[f"{name} n"] = group["n"]
     return out.reset_index()
 
 
+def cd_run(profile: Profile, method: str = "cd300", seed: int = 0, arch: str | None = None,
+           root=None) -> run_store.Run:
+    """One finished Table 2 run: ``method`` on ``arch`` (default the student network), seed ``seed``."""
+    return load_runs([plans.method_config(profile, method, arch or profile.student_arch, seed)], root)[0]
+
+
 # ----------------------------------------------------------------------------- (d) significance
+
+def format_p(p: float) -> str:
+    """A p-value as text with 3 significant digits ("n/a" when undefined): 2-decimal table
+    formatting would print 0.001 and 0.004 alike as 0.00."""
+    return "n/a" if p is None or np.isnan(p) else f"{p:.3g}"
+
 
 def welch(a, b) -> tuple[float, float, str]:
     """Welch's t-test of mean(a) vs mean(b): (t, two-sided p, note); NaN with the reason when undefined."""
@@ -252,7 +278,7 @@ def significance_table(profile: Profile, root=None, metric: str = "final_top1",
                     note = "; ".join(filter(None, ["test-source run: its test accuracy is not held out", note]))
                 rows.append({"network": arch_label(arch), "CD": METHOD_LABELS[ref], "method": METHOD_LABELS[method],
                              "CD mean": a.mean(), "method mean": b.mean(), "difference": a.mean() - b.mean(),
-                             "t": t, "p (Welch)": p, "n CD": len(a), "n method": len(b), "note": note})
+                             "t": t, "p (Welch)": format_p(p), "n CD": len(a), "n method": len(b), "note": note})
     return pd.DataFrame(rows)
 
 
@@ -276,7 +302,7 @@ def leak_table(profile: Profile, root=None) -> pd.DataFrame:
             rows.append({"network": arch_label(arch), "metric": metric,
                          "train source (leak-free)": tables.format_mean_std(*tables.mean_std_ci(a)[:2]),
                          "test source (leak)": tables.format_mean_std(*tables.mean_std_ci(b)[:2]),
-                         "difference (test - train)": b.mean() - a.mean(), "t": t, "p (Welch)": p,
+                         "difference (test - train)": b.mean() - a.mean(), "t": t, "p (Welch)": format_p(p),
                          "n": f"{len(a)} / {len(b)}", "note": note})
     return pd.DataFrame(rows)
 
@@ -495,8 +521,8 @@ def cd_claim(profile: Profile, root=None, features: FeatureComparison | None = N
 
 
 __all__ = [
-    "METHOD_LABELS", "CD_REFERENCES", "LEAKY_METHODS", "load_runs", "kd_groups", "kd_table", "kd_gain",
-    "schedule_label", "table1_frame", "table2_runs", "table2_long", "table2_frame", "welch",
+    "METHOD_LABELS", "CD_REFERENCES", "LEAKY_METHODS", "load_runs", "kd_groups", "kd_table", "kd_metrics", "kd_gain",
+    "schedule_label", "table1_frame", "table2_runs", "table2_long", "table2_frame", "cd_run", "format_p", "welch",
     "significance_table", "leak_table", "test_source_messages", "replay_cd_ema", "offdiagonal_mass",
     "source_confusions", "cd_ema_frame", "FeatureComparison", "true_class_probabilities",
     "cd_feature_analysis", "paper_resnet34_margin", "cd_claim", "arch_label",

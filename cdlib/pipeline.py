@@ -5,6 +5,12 @@ is written, executed, to ``outputs/notebooks/``. The pipeline stops at the first
 failing notebook and prints the failing cell and its error. Training results are
 cached in the run store, so rerunning after a failure or an interruption only
 redoes what is missing.
+
+``--executor local|slurm`` first trains the plans of the selected notebooks
+(``cdlib.plan``) on the local GPUs or as Slurm jobs (``cdlib.executors``), waits for
+them, and then executes the notebooks, which find every run finished and only
+analyse. The default, ``inprocess``, just runs the notebooks (they train as they go).
+See docs/scale-out.md.
 """
 from __future__ import annotations
 
@@ -37,6 +43,23 @@ def run_notebook(notebook: Path, parameters: dict, kernel: str | None = None) ->
     return output
 
 
+def train_plans(args, numbers: list[str]) -> bool:
+    """Train every run the selected notebooks need with the chosen executor; False if any failed."""
+    from .executors import execute, executor_from_args
+    from .plan import available_notebooks, combined_plan
+    from .profiles import get_profile
+
+    profile = get_profile(args.profile, args.dataset, announce=False)
+    planned = [n for n in numbers if n in available_notebooks(profile)]
+    configs = [config for config, _ in combined_plan(profile, planned)]
+    print(f"training {len(configs)} runs of notebooks {', '.join(planned)} with the {args.executor} executor", flush=True)
+    report = execute(configs, executor_from_args(args, args.data_root, args.device), retries=args.retries)
+    print(report.summary(), flush=True)
+    if not report.ok:
+        print("\nFAILED: not every run could be trained; no notebook was executed.", file=sys.stderr)
+    return report.ok
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="auto", help="smoke | quick | paper | auto (paper with CUDA, else smoke)")
@@ -45,6 +68,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data-root", default=None, help="folder holding the data sets (default $CDLIB_DATA)")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:1 (default: cuda if available)")
     parser.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
+    parser.add_argument("--train-only", action="store_true", help="train the notebooks' plans, execute no notebook")
+    from .executors import add_executor_arguments
+    add_executor_arguments(parser)
     args = parser.parse_args(argv)
 
     from papermill.exceptions import PapermillExecutionError
@@ -54,6 +80,11 @@ def main(argv=None) -> int:
     parameters = {"profile": profile, "dataset": args.dataset, "data_root": args.data_root, "device": args.device}
     selected = notebooks(args.only.split(",") if args.only else None)
     print(f"pipeline: {len(selected)} notebooks, profile {profile}, outputs in {paths.outputs()}")
+    if args.executor != "inprocess" or args.train_only:
+        if not train_plans(args, [nb.name[:2] for nb in selected]):
+            return 1
+        if args.train_only:
+            return 0
     for nb in selected:
         start = time.perf_counter()
         print(f"-> {nb.name}", flush=True)

@@ -78,7 +78,8 @@ def method_config(profile: Profile, method: str, arch: str, seed: int) -> TrainC
         epochs = sum(args["schedule"])
     else:
         epochs = profile.scaled(paper_epochs)
-    return profile.recipe(name=f"{method}-{arch}", arch=arch, seed=seed, epochs=epochs,
+    name = f"ce-{arch}" if method == "baseline" else f"{method}-{arch}"  # baselines are notebook 01's runs
+    return profile.recipe(name=name, arch=arch, seed=seed, epochs=epochs,
                           objective=objective, objective_args=args)
 
 

@@ -7,10 +7,19 @@ confusion counts) and ``summary.json`` (written last: its presence marks a
 finished run). ``get_or_train`` makes every notebook idempotent: finished runs are
 loaded, unfinished ones resumed, and a folder whose stored config differs from
 the requested one is refused rather than overwritten.
+
+Many workers may share one store (several GPUs, Slurm nodes on a network file
+system): a worker trains a run only while it holds the folder's ``lock.json``
+(``cdlib.locks``). While training, the folder also holds ``attempts.jsonl`` (one
+line per training start: host, pid, resumed or not) and, after a failure,
+``failed.json`` (the error; cleared when the run is tried again).
 """
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -20,9 +29,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import paths
+from . import locks, paths
 from .config import TrainConfig
-from .train import atomic_write_text, fit
+from .train import CHECKPOINT, atomic_write_text, fit
+
+FAILED = "failed.json"
+ATTEMPTS = "attempts.jsonl"
 
 
 class ConfigMismatchError(RuntimeError):
@@ -79,16 +91,61 @@ def _check_stored_config(folder: Path, config: TrainConfig) -> None:
 
 
 def get_or_train(config: TrainConfig, device=None, data_root=None, progress: bool = True,
-                 root: Path | None = None, data=None) -> Run:
-    """Return the finished run of ``config``; train it (or resume it) first if needed."""
+                 root: Path | None = None, data=None, on_locked: str = "wait") -> Run:
+    """Return the finished run of ``config``; train it (or resume it) first if needed.
+
+    Training happens only under the run's lock. If another live worker holds it,
+    ``on_locked="wait"`` (the default) waits for that worker and then returns its run;
+    ``"skip"`` raises :class:`cdlib.locks.RunLockedError` at once.
+    """
     folder = run_dir(config, root)
     _check_stored_config(folder, config)
-    if not is_finished(folder):
+    if is_finished(folder):
+        return Run(folder, config)
+    try:
         folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / "config.json").is_file():
-            atomic_write_text(folder / "config.json", json.dumps(config.to_dict(), indent=1))
-        fit(config, folder, device=device, data_root=data_root, progress=progress, data=data)
+    except OSError as err:
+        raise locks.RunStoreError(
+            f"cannot create run folder {folder}: {err.strerror or err}. Make {folder.parent} writable, or point "
+            f"CDLIB_OUTPUTS at a writable folder. No run was changed.") from err
+    with locks.claim(folder, on_locked):
+        _check_stored_config(folder, config)  # another worker may have created the folder meanwhile
+        if not is_finished(folder):            # ... or finished the run while we waited
+            if not (folder / "config.json").is_file():
+                atomic_write_text(folder / "config.json", json.dumps(config.to_dict(), indent=1))
+            (folder / FAILED).unlink(missing_ok=True)
+            _log_attempt(folder)
+            try:
+                fit(config, folder, device=device, data_root=data_root, progress=progress, data=data)
+            except Exception as err:
+                _mark_failed(folder, err)
+                raise
     return Run(folder, config)
+
+
+def _log_attempt(folder: Path) -> None:
+    line = {"host": socket.gethostname(), "pid": os.getpid(), "job": locks.JOB_KEY, "time": time.time(),
+            "resumed": (folder / CHECKPOINT).is_file()}
+    with open(folder / ATTEMPTS, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def _mark_failed(folder: Path, err: Exception) -> None:
+    """Record why the run stopped, for ``python -m cdlib.plan --status`` and other workers."""
+    record = {"error": type(err).__name__, "message": str(err), "host": socket.gethostname(),
+              "pid": os.getpid(), "time": time.time()}
+    try:
+        atomic_write_text(folder / FAILED, json.dumps(record, indent=1))
+    except OSError:
+        pass  # the store itself is the problem; the error is still raised to the caller
+
+
+def failure(folder: Path) -> dict | None:
+    """The recorded failure of an unfinished run, or None."""
+    try:
+        return json.loads((Path(folder) / FAILED).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def find_run(run: str | Path, root: Path | None = None) -> Run:
@@ -127,3 +184,92 @@ def metrics_frame(runs: Iterable[Run]) -> pd.DataFrame:
         m["run_id"], m["name"], m["arch"], m["seed"] = run.config.run_id(), run.config.name, run.config.arch, run.config.seed
         frames.append(m)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def get_or_train_many(configs: Iterable[TrainConfig], device=None, data_root=None, progress: bool = True,
+                      root: Path | None = None, data=None, group_size: int | None = None,
+                      teacher_cache: bool = False) -> list[Run]:
+    """The finished runs of ``configs`` (in their order), training the unfinished ones in fused groups.
+
+    Finished runs are skipped. Unfinished runs that share their recipe (they may differ
+    in seed, objective_args and name) train together as one fused network
+    (``cdlib.group.fit_group``), at most ``group_size`` at a time; the default,
+    ``cdlib.group.default_group_size(device, arch)``, is 1 on the CPU, i.e. plain
+    ``get_or_train``. Groups start in the order of their first run, so KD teachers
+    listed before their students finish first. Each member of a group is claimed with
+    the run store's lock; members that another worker holds are waited for at the end.
+    ``teacher_cache``: reuse KD teacher outputs per view (needs rotation 0, see
+    ``cdlib.group.TeacherCache``). Runs whose loss turned non-finite are reported
+    together at the end (``NonFiniteLossError``) after every other run was trained.
+    """
+    import contextlib
+
+    from . import group as grouping
+    from . import locks as run_locks
+    from .data import DeviceData, load_dataset
+    from .train import NonFiniteLossError, resolve_device
+
+    configs = list(configs)
+    dev = resolve_device(device)
+    for config in configs:
+        _check_stored_config(run_dir(config, root), config)
+    todo = list({c.run_id(): c for c in configs if not is_finished(run_dir(c, root))}.values())
+    loaded: dict = {}
+    caches: dict = {}
+
+    def data_for(config: TrainConfig):
+        if data is not None:
+            return data
+        key = (config.dataset, config.rotation)
+        if key not in loaded:  # read each data set once for all runs
+            loaded[key] = DeviceData(load_dataset(config.dataset, data_root), dev, config.rotation)
+        return loaded[key]
+
+    diverged: list[Exception] = []
+    deferred: list[TrainConfig] = []
+    for members in grouping.plan_groups(todo, group_size, dev):
+        if len(members) == 1:
+            try:
+                get_or_train(members[0], dev, data_root, progress, root, data_for(members[0]))
+            except NonFiniteLossError as err:
+                diverged.append(err)
+            continue
+        with contextlib.ExitStack() as held:
+            claimed = []
+            for config in members:
+                folder = run_dir(config, root)
+                folder.mkdir(parents=True, exist_ok=True)
+                try:
+                    held.enter_context(run_locks.claim(folder, "skip"))
+                except run_locks.RunLockedError:
+                    deferred.append(config)
+                    continue
+                _check_stored_config(folder, config)
+                if is_finished(folder):
+                    continue
+                if not (folder / "config.json").is_file():
+                    atomic_write_text(folder / "config.json", json.dumps(config.to_dict(), indent=1))
+                (folder / FAILED).unlink(missing_ok=True)
+                _log_attempt(folder)
+                claimed.append(config)
+            if not claimed:
+                continue
+            folders = [run_dir(c, root) for c in claimed]
+            group_data = data_for(claimed[0])
+            cache = caches.setdefault(id(group_data), {}) if teacher_cache else False
+            try:
+                grouping.fit_group(claimed, folders, dev, data_root, progress, group_data, cache)
+            except grouping.GroupDivergedError as err:
+                for run_id, error in err.failures.items():
+                    _mark_failed(run_dir(next(c for c in claimed if c.run_id() == run_id), root), error)
+                diverged.append(err)
+            except Exception as err:
+                for folder in folders:
+                    if not is_finished(folder):
+                        _mark_failed(folder, err)
+                raise
+    for config in deferred:  # held by another worker: wait for it (or take over a dead worker's run)
+        get_or_train(config, dev, data_root, progress, root, data_for(config))
+    if diverged:
+        raise NonFiniteLossError(" | ".join(str(e) for e in diverged))
+    return [Run(run_dir(c, root), c) for c in configs]

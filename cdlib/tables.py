@@ -44,7 +44,8 @@ def summarise(frame: pd.DataFrame, by: list[str], columns=ACCURACY_COLUMNS) -> p
 
 
 def to_markdown(frame: pd.DataFrame) -> str:
-    cells = [[str(c) for c in frame.columns]] + [[_cell(v) for v in row] for row in frame.itertuples(index=False)]
+    cells = ([[_markdown_cell(c) for c in frame.columns]]
+             + [[_markdown_cell(v) for v in row] for row in frame.itertuples(index=False)])
     lines = ["| " + " | ".join(r) + " |" for r in cells]
     lines.insert(1, "|" + "|".join("---" for _ in frame.columns) + "|")
     return "\n".join(lines) + "\n"
@@ -67,6 +68,10 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return "" if np.isnan(value) else f"{value:.2f}"
     return str(value)
+
+
+def _markdown_cell(value) -> str:
+    return _cell(value).replace("|", "\\|")  # a bare pipe would split the Markdown cell
 
 
 def write_table(frame: pd.DataFrame, name: str, folder: Path | None = None,

@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import time
 from pathlib import Path
 
@@ -72,6 +73,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def add_counts(counts: torch.Tensor, index: torch.Tensor) -> None:
+    """counts[index] += 1 with repeats; unlike torch.bincount it never synchronises with the host on CUDA."""
+    counts.index_add_(0, index, torch.ones_like(index))
 
 
 def _progress(iterable, enabled: bool, **kwargs):
@@ -159,7 +165,7 @@ class Trainer:
             loss_sum += loss.float() * len(batch.labels)
             predictions = logits.detach().argmax(1)
             correct += (predictions == batch.labels).sum()
-            confusion += torch.bincount(batch.labels * C + predictions, minlength=C * C)
+            add_counts(confusion, batch.labels * C + predictions)
             if (i + 1) % SYNC_EVERY == 0:
                 self._check_finite(first_bad_step)
         self._check_finite(first_bad_step)
@@ -196,7 +202,7 @@ class Trainer:
             topk = logits.topk(min(5, C), dim=1).indices
             top1 += (topk[:, 0] == labels).sum()
             top5 += (topk == labels[:, None]).any(1).sum()
-            confusion += torch.bincount(labels * C + topk[:, 0], minlength=C * C)
+            add_counts(confusion, labels * C + topk[:, 0])
             if return_logits:
                 all_logits.append(logits)
         n = len(self.data.test_labels)
@@ -264,7 +270,13 @@ def load_checkpoint(path: Path, config: TrainConfig | None = None) -> dict:
     """Load a checkpoint safely (tensors and plain values only) and check it belongs to ``config``."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, foreign pickle, arbitrary objects (refused by weights_only)
+    except pickle.UnpicklingError as err:  # weights_only refused an arbitrary Python object
+        raise RuntimeError(
+            f"cannot load checkpoint {path}: it holds Python objects other than tensors and plain values, "
+            f"and loading it could run arbitrary code, so it was refused ({str(err).splitlines()[-1][:200]}). "
+            f"cdlib never writes such files: delete it (the run restarts from scratch) unless you trust its "
+            f"source.") from err
+    except Exception as err:  # truncated or corrupted archive
         raise RuntimeError(
             f"cannot load checkpoint {path}: {type(err).__name__}: {str(err)[:300]}. If the file is truncated, "
             f"delete it to restart that run from scratch (other runs are unaffected); never load checkpoints "

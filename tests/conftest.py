@@ -4,7 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from cdlib import paths
+# Tiny test networks are dominated by per-op overhead: one thread is faster on the shared
+# 2-core machines, and subprocesses started by tests (kill/resume checks) inherit the same
+# setting, so their arithmetic matches this process's.
+os.environ["OMP_NUM_THREADS"] = "1"
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from cdlib import paths  # noqa: E402
 
 # The project's shared real data sits beside the checkout (../shared/data); users do not have it.
 SHARED_DATA = Path(os.environ.get("CDLIB_SHARED_DATA", paths.REPO.parent / "shared" / "data"))

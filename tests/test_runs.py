@@ -88,6 +88,11 @@ def test_profiles_and_plans():
     assert len(table) == 12 and {c.epochs for c in table} == {200}
     # The first three feature baselines are Table 2's ResNet-18 runs: one run, trained once.
     assert len(plans.notebook_plan(paper, "01")) == 20 + 9 + 20
+    # Table 2's baseline row and Table 1's CE / CD rows reuse those runs instead of training copies.
+    assert plans.table2(paper)["baseline"] == table
+    table1 = {label: config for label, config, _ in plans.table1(paper)}
+    assert table1["CE 200 ep"] == table[0]
+    assert table1["0.7:0.3 300 ep 3H3S6H3S15H"] == plans.table2(paper)["cd300"][0]
     students = plans.kd_students(paper)
     assert students[3].objective_args["teacher"] == plans.teachers(paper)[3].run_id()
     assert get_profile("smoke", announce=False).dataset == "synthetic"

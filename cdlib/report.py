@@ -1,0 +1,256 @@
+"""``outputs/REPORT.md``: the paper's five claims against this reproduction, generated from the run store.
+
+For every claim the report gives the paper's number, ours with its spread, the data
+set and profile, the verdict and the rule that produced it, and relative links to the
+figures and tables under ``outputs/`` that back it. Nothing in it is typed by hand:
+it calls the claim functions of the analysis modules,
+
+- claims 1-3: :func:`cdlib.feature_analysis.interaction_claims` on
+  :func:`cdlib.feature_analysis.analyse_profile` (baselines, KD students, teachers);
+- claim 4: :func:`cdlib.dark_knowledge.confusion_claim` on :func:`cdlib.dark_knowledge.analyse`;
+- claim 5: :func:`cdlib.distillation_results.cd_claim`, with the baseline-vs-CD
+  Interaction Tensor of :func:`cdlib.distillation_results.cd_feature_analysis` when
+  those models exist.
+
+The report never trains: a claim whose runs are not all finished, whose module is
+missing, or whose analysis raises, is reported as "not measured" with the reason.
+
+    python -m cdlib.report --profile smoke          # writes $CDLIB_OUTPUTS/REPORT.md
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import __version__, claims, paths, plans, runs
+from .claims import Claim, not_measured
+from .profiles import Profile, get_profile
+
+CLAIM_NUMBERS = (1, 2, 3, 4, 5)
+
+# The notebook that measures each claim: its figures and tables (names start with its number)
+# are linked when the claim function gives no links of its own.
+NOTEBOOK_OF_CLAIM = {1: "03", 2: "03", 3: "03", 4: "04", 5: "05"}
+
+# The paper's numbers (PAPER.md sections 1 and 4), shown when a claim could not be measured.
+PAPER_NUMBERS = {
+    1: "|F| baseline 531 vs student 281 and teacher 264; mean feature frequency E[F] 1329 vs 2121 / 2243 "
+       "(CIFAR-100 test set, 20 + 20 + 20 models)",
+    2: "|F| student 281 vs baseline 531; E[F] 2121 vs 1329; features shared student-teacher 170, "
+       "student-baseline 132",
+    3: "positive relation between confidence and number of active features for baselines (Fig. 2a, no "
+       "coefficient reported); the student's density is narrower (Fig. 2b)",
+    4: "off-diagonal Pearson 0.85, per-class cosine 0.76, soft Jaccard 0.38 (teacher M vs baseline Q)",
+    5: "CD-300 ResNet-34 78.53 vs PS-KD 77.33 and CS-KD 76.73 (+1.2); CD above CS-KD and PS-KD on all four "
+       "networks; fewer, more frequent features than the baseline",
+}
+
+MAX_REASON = 400
+
+
+# ---------------------------------------------------------------------------
+# Collecting the claims
+
+
+def _unfinished(configs, root: Path | None = None) -> list[str]:
+    return [c.run_id() for c in plans.unique(list(configs)) if not runs.is_finished(runs.run_dir(c, root))]
+
+
+def _missing_reason(missing: Sequence[str], total: int, notebook: str) -> str:
+    shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+    return f"{len(missing)} of {total} required runs not trained ({shown}); run notebook {notebook} first"
+
+
+def _import(name: str):
+    """The module ``cdlib.<name>``, or None when it does not exist (other import errors propagate)."""
+    try:
+        return importlib.import_module(f"cdlib.{name}")
+    except ModuleNotFoundError as err:
+        if err.name == f"cdlib.{name}":
+            return None
+        raise
+
+
+def _claims_1_to_3(profile: Profile, device=None, data_root=None) -> list[Claim]:
+    module = next((m for m in (_import("feature_analysis"), _import("interaction"))
+                   if m is not None and hasattr(m, "interaction_claims") and hasattr(m, "analyse_profile")), None)
+    if module is None:
+        return [not_measured(n, "no module provides analyse_profile and interaction_claims "
+                                "(cdlib/feature_analysis.py)") for n in (1, 2, 3)]
+    groups = getattr(module, "KD_GROUPS", ("baseline", "student", "teacher"))
+    group_plans = getattr(module, "GROUP_PLANS", {"baseline": plans.feature_baselines,
+                                                  "student": plans.kd_students, "teacher": plans.teachers})
+    required = [c for g in groups for c in group_plans[g](profile)]
+    missing = _unfinished(required)
+    if missing:
+        return [not_measured(n, _missing_reason(missing, len(plans.unique(required)), "03"))
+                for n in (1, 2, 3)]
+    result = module.analyse_profile(profile, device=device, data_root=data_root)
+    return list(module.interaction_claims(result))
+
+
+def _claim_4(profile: Profile, device=None, data_root=None) -> list[Claim]:
+    from . import dark_knowledge
+    required = dark_knowledge.required_runs(profile)
+    missing = _unfinished(required)
+    if missing:
+        return [not_measured(4, _missing_reason(missing, len(plans.unique(required)), "04"))]
+    result = dark_knowledge.analyse(profile, data_root=data_root, over_epochs=False)
+    return [dark_knowledge.confusion_claim(result)]
+
+
+def _claim_5(profile: Profile, device=None, data_root=None) -> list[Claim]:
+    module = _import("distillation_results")
+    if module is None or not hasattr(module, "cd_claim"):
+        return [not_measured(5, "module cdlib/distillation_results.py with cd_claim is missing")]
+    required = [c for cs in plans.table2(profile).values() for c in cs]
+    missing = _unfinished(required)
+    if missing:
+        return [not_measured(5, _missing_reason(missing, len(plans.unique(required)), "05"))]
+    features = None
+    feature_runs = plans.feature_baselines(profile) + plans.cd_feature_models(profile)
+    if hasattr(module, "cd_feature_analysis") and not _unfinished(feature_runs):
+        features = module.cd_feature_analysis(profile, device=device, data_root=data_root)
+    return [module.cd_claim(profile, features=features)]
+
+
+# Which claims each collector answers; collect_claims calls them in this order.
+COLLECTORS: list[tuple[tuple[int, ...], Callable[..., list[Claim]]]] = [
+    ((1, 2, 3), _claims_1_to_3),
+    ((4,), _claim_4),
+    ((5,), _claim_5),
+]
+
+
+def _failure(err: BaseException) -> str:
+    where = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
+    at = f" (at {Path(where.filename).name}:{where.lineno})" if where else ""
+    text = f"analysis failed: {type(err).__name__}: {err}{at}"
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
+
+
+def collect_claims(profile: Profile, device=None, data_root=None, collectors=None) -> list[Claim]:
+    """One :class:`Claim` per claim number 1-5, in order. A collector that raises, or that
+    leaves out a number it answers for, yields "not measured" with the reason."""
+    found: dict[int, Claim] = {}
+    for numbers, collect in (COLLECTORS if collectors is None else collectors):
+        try:
+            for c in collect(profile, device=device, data_root=data_root):
+                if c.number in numbers:
+                    found[c.number] = c
+            reason = "the analysis returned no claim with this number"
+        except Exception as err:  # noqa: BLE001 - the report must never crash
+            reason = _failure(err)
+        for n in numbers:
+            found.setdefault(n, not_measured(n, reason))
+    return [found.get(n, not_measured(n, "no analysis collects this claim")) for n in CLAIM_NUMBERS]
+
+
+# ---------------------------------------------------------------------------
+# Rendering
+
+
+def _outputs_listing(outputs: Path) -> dict[str, list[str]]:
+    """Relative paths of the figures (PNG) and tables (Markdown) under ``outputs``, by notebook number."""
+    listing: dict[str, list[str]] = {}
+    for folder, ext in (("figures", "png"), ("tables", "md")):
+        for path in sorted((outputs / folder).glob(f"*.{ext}")):
+            listing.setdefault(path.name[:2], []).append(f"{folder}/{path.name}")
+    return listing
+
+
+def claim_links(claim: Claim, outputs: Path) -> list[str]:
+    """The claim's links that exist under ``outputs``; when it names none that exist, every
+    figure and table of the notebook that measures it."""
+    existing = [link for link in claim.links if (outputs / link).is_file()]
+    if existing:
+        return existing
+    return _outputs_listing(outputs).get(NOTEBOOK_OF_CLAIM[claim.number], [])
+
+
+def _md(text: str) -> str:
+    """Text safe inside a Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _link(path: str) -> str:
+    return f"[{Path(path).name}]({path})"
+
+
+def render(profile: Profile, claim_list: Sequence[Claim], outputs: Path) -> str:
+    """The Markdown text of the report."""
+    finished = sum(1 for d in (outputs / "runs").glob("*") if runs.is_finished(d)) if (outputs / "runs").is_dir() else 0
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# Reproduction report: Kang & Kim, \"What Do Students Learn? A Feature-Level Analysis of Dark Knowledge\"",
+        "",
+        f"Generated by `python -m cdlib.report --profile {profile.name} --dataset {profile.dataset}` "
+        f"(cdlib {__version__}, {now}) from the run store `{outputs / 'runs'}` ({finished} finished runs). "
+        f"Profile **{profile.name}** ({profile.description}), data set **{profile.dataset}**. "
+        "Do not edit by hand: rerun the command.",
+        "",
+        "Each verdict is computed from this run's numbers by the rule stated with it. \"not measured\" means "
+        "the inputs were missing (runs not trained, or the analysis failed); the reason is given as its rule.",
+        "",
+        "| claim | statement | verdict |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {c.number} | {_md(c.statement)} | **{c.verdict}** |" for c in claim_list]
+    for c in claim_list:
+        links = claim_links(c, outputs)
+        lines += [
+            "",
+            f"## Claim {c.number}: {c.statement}",
+            "",
+            f"- **Paper:** {c.paper or PAPER_NUMBERS[c.number]}",
+            f"- **This run:** {c.ours or 'not measured'}",
+            f"- **Data and profile:** {c.source or f'{profile.dataset}, profile {profile.name}'}",
+            f"- **Verdict:** **{c.verdict}**",
+            f"- **{'Rule' if c.verdict != claims.NOT_MEASURED else 'Why not measured'}:** {c.rule}",
+            f"- **Figures and tables:** {', '.join(_link(p) for p in links) if links else 'none under outputs/'}",
+        ]
+    listing = _outputs_listing(outputs)
+    lines += ["", "## All figures and tables under outputs/", ""]
+    if not listing:
+        lines.append("None yet: run the notebooks.")
+    for notebook, files in listing.items():
+        lines.append(f"- notebook {notebook}: " + ", ".join(_link(p) for p in files))
+    return "\n".join(lines) + "\n"
+
+
+def write_report(profile: Profile, device=None, data_root=None) -> Path:
+    """Collect the five claims for ``profile`` (a :class:`Profile` or a profile name) from the run
+    store and write ``outputs/REPORT.md``; return its path. Never trains, never raises for a claim."""
+    if isinstance(profile, str):
+        profile = get_profile(profile, announce=False)
+    outputs = paths.outputs()
+    outputs.mkdir(parents=True, exist_ok=True)
+    text = render(profile, collect_claims(profile, device=device, data_root=data_root), outputs)
+    path = outputs / "REPORT.md"
+    tmp = path.with_suffix(f".md.tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m cdlib.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="auto", help="smoke | quick | paper | auto (default)")
+    parser.add_argument("--dataset", default=None, help="override the profile's data set")
+    parser.add_argument("--device", default=None, help="device for the feature analyses (default: cuda if available)")
+    parser.add_argument("--data-root", default=None, help="folder holding the data sets (default: $CDLIB_DATA)")
+    args = parser.parse_args(argv)
+    profile = get_profile(args.profile, args.dataset)
+    path = write_report(profile, device=args.device, data_root=args.data_root)
+    print(path)
+    return path
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
