@@ -128,7 +128,7 @@ def notebook_plan(profile: Profile, notebook: str) -> list[TrainConfig]:
     """Every run a notebook trains, in training order (teachers before their students)."""
     plans = {
         "01": lambda: feature_baselines(profile) + table_baselines(profile) + teachers(profile),
-        "02": lambda: teachers(profile) + kd_students(profile),
+        "02": lambda: teachers(profile) + kd_students(profile) + feature_baselines(profile),
         "03": lambda: feature_baselines(profile) + teachers(profile) + kd_students(profile),
         "04": lambda: feature_baselines(profile) + teachers(profile),
         "05": lambda: ([c for _, c, _ in table1(profile)] + [c for cs in table2(profile).values() for c in cs]

@@ -9,7 +9,7 @@ it calls the claim functions of the analysis modules,
   :func:`cdlib.feature_analysis.analyse_profile` (baselines, KD students, teachers);
 - claim 4: :func:`cdlib.dark_knowledge.confusion_claim` on :func:`cdlib.dark_knowledge.analyse`;
 - claim 5: :func:`cdlib.distillation_results.cd_claim`, with the baseline-vs-CD
-  Interaction Tensor of :func:`cdlib.distillation_results.cd_feature_analysis` when
+  Interaction Tensor of :func:`cdlib.feature_analysis.analyse_profile` (baseline vs CD) when
   those models exist.
 
 The report never trains: a claim whose runs are not all finished, whose module is
@@ -115,8 +115,9 @@ def _claim_5(profile: Profile, device=None, data_root=None) -> list[Claim]:
         return [not_measured(5, _missing_reason(missing, len(plans.unique(required)), "05"))]
     features = None
     feature_runs = plans.feature_baselines(profile) + plans.cd_feature_models(profile)
-    if hasattr(module, "cd_feature_analysis") and not _unfinished(feature_runs):
-        features = module.cd_feature_analysis(profile, device=device, data_root=data_root)
+    if not _unfinished(feature_runs):
+        from .feature_analysis import analyse_profile
+        features = analyse_profile(profile, ("baseline", "cd"), device=device, data_root=data_root)
     return [module.cd_claim(profile, features=features)]
 
 

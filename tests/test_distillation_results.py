@@ -18,7 +18,6 @@ from types import SimpleNamespace
 
 import matplotlib
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from scipy import stats
@@ -29,7 +28,6 @@ from cdlib import distillation_figures, paper, plans, runs  # noqa: E402
 from cdlib import distillation_results as dr  # noqa: E402
 from cdlib.claims import NOT_SUPPORTED, SUPPORTED  # noqa: E402
 from cdlib.config import TrainConfig  # noqa: E402
-from cdlib.models import build_model  # noqa: E402
 from cdlib.objectives import ConfusionDistillation  # noqa: E402
 from cdlib.profiles import get_profile  # noqa: E402
 from cdlib.train import fit  # noqa: E402
@@ -117,7 +115,7 @@ def test_significance_is_welch_against_every_other_method(tmp_path):
     a, b = np.array([63.0, 63.6, 62.7]), np.array([61.5, 62.1, 61.2])
     expected = stats.ttest_ind(a, b, equal_var=False)
     assert row["p (Welch)"] == f"{expected.pvalue:.3g}"
-    assert row["t"] == pytest.approx(expected.statistic)
+    assert row["t"] == pytest.approx(expected.statistic, abs=1e-3)
     assert row["difference"] == pytest.approx(1.5)
     leaky = sig[sig.method.str.contains("test-set")]
     assert leaky["note"].str.contains("not held out").all()
@@ -158,29 +156,51 @@ def test_test_source_messages_show_refusal_and_warning():
 
 def test_cd_claim_rule(tmp_path):
     P = fake_profile()
-    fill_table2(tmp_path, P)
+    fill_table2(tmp_path, P, base={**BASE, "cd300": 64.0})  # 2 points above PS-KD, seed std 0.46
     claim = dr.cd_claim(P, root=tmp_path)
     assert claim.number == 5 and claim.verdict == SUPPORTED
-    assert "not measured" in claim.rule
-    assert "ResNet-34: CD-300 64.10" in claim.ours and "+1.00" in claim.ours  # margin over PS-KD
+    assert "not measured" in claim.rule and "Welch" in claim.rule
+    assert "ResNet-34: CD-300 65.10" in claim.ours and "margin over PS-KD +2.00" in claim.ours
+    p = stats.ttest_ind([65.0, 65.6, 64.7], [63.0, 63.6, 62.7], equal_var=False).pvalue
+    assert f"Welch p {p:.3g}" in claim.ours and p < 0.05
     assert dr.paper_resnet34_margin() == pytest.approx(1.2)
+    # The paper's own numbers, stated network by network: PS-KD is higher on ResNet-18 and DenseNet-121.
+    assert "ResNet-18 77.13 vs CS-KD 76.38 / PS-KD 77.41 (not above both)" in claim.paper
+    assert "ResNet-34 78.53 vs CS-KD 76.73 / PS-KD 77.33 (above both)" in claim.paper
 
     base = SimpleNamespace(name="baseline", n_features=30, mean_frequency=100.0, mean_features_per_image=9.0,
                            models=(0, 1))
     cd_like_kd = SimpleNamespace(name="cd", n_features=20, mean_frequency=150.0, mean_features_per_image=8.0,
                                  models=(2, 3))
-    features = dr.FeatureComparison(None, [base, cd_like_kd], pd.DataFrame(), {})
+    features = SimpleNamespace(groups={"baseline": base, "cd": cd_like_kd})
     assert dr.cd_claim(P, root=tmp_path, features=features).verdict == SUPPORTED
     cd_unlike_kd = replace_ns(cd_like_kd, n_features=40)
-    features = dr.FeatureComparison(None, [base, cd_unlike_kd], pd.DataFrame(), {})
+    features = SimpleNamespace(groups={"baseline": base, "cd": cd_unlike_kd})
     claim = dr.cd_claim(P, root=tmp_path, features=features)
     assert claim.verdict == NOT_SUPPORTED and "|F| baseline 30 vs CD 40" in claim.ours
 
 
+def test_cd_claim_needs_a_significant_difference(tmp_path):
+    P = fake_profile()
+    fill_table2(tmp_path, P)  # CD-300 1 point above PS-KD: Welch p = 0.06 with 3 seeds
+    claim = dr.cd_claim(P, root=tmp_path)
+    assert claim.verdict == NOT_SUPPORTED and "margin over PS-KD +1.00" in claim.ours
+
+
+def test_cd_claim_with_one_seed_is_not_supported(tmp_path):
+    P = fake_profile(seeds=1, archs=("resnet18",))
+    fill_table2(tmp_path, P, base={**BASE, "cd300": 70.0})
+    claim = dr.cd_claim(P, root=tmp_path)
+    assert claim.verdict == NOT_SUPPORTED and ">= 2 seeds" in claim.ours
+    assert "ResNet-34 is not in this profile" in claim.ours
+
+
 def test_cd_claim_fails_when_pskd_is_better_on_one_network(tmp_path):
     P = fake_profile()
-    fill_table2(tmp_path, P, base={**BASE, "pskd": 63.5})
-    assert dr.cd_claim(P, root=tmp_path).verdict == NOT_SUPPORTED
+    fill_table2(tmp_path, P, base={**BASE, "cd300": 64.0}, arch_shift={"resnet18": 0.0, "resnet34": 0.0})
+    assert dr.cd_claim(P, root=tmp_path).verdict == SUPPORTED
+    fill_table2(tmp_path / "b", P, base={**BASE, "cd300": 64.0, "pskd": 64.5})
+    assert dr.cd_claim(P, root=tmp_path / "b").verdict == NOT_SUPPORTED
 
 
 def replace_ns(ns, **changes):
@@ -366,24 +386,6 @@ def test_plot_cd_ema(tmp_path):
     assert distillation_figures.default_heatmap_epochs([1] * 12, at_most=4)[-1] == 12
     with pytest.raises(ValueError, match="covers"):
         distillation_figures.plot_cd_ema(ema, [1, 1])
-
-
-def test_cd_feature_analysis_on_untrained_networks(tmp_path):
-    """Figure 3's pipeline end to end on fake runs holding untrained tiny networks."""
-    P = replace(get_profile("smoke", announce=False), width=0.0625, feature_models=2)
-    configs = plans.feature_baselines(P) + plans.cd_feature_models(P)
-    for i, config in enumerate(configs):
-        run = write_fake_run(tmp_path, config, 50.0, num_classes=20)
-        torch.manual_seed(i)
-        torch.save(build_model(config.arch, 20, config.width).state_dict(), run.dir / "model.pt")
-        np.save(run.dir / "test_logits.npy", np.random.default_rng(i).normal(size=(500, 20)).astype(np.float32))
-    result = dr.cd_feature_analysis(P, device="cpu", root=tmp_path)
-    assert [g.name for g in result.groups] == ["baseline", "cd"]
-    assert result.tensor.n_models == 4 and result.tensor.n_components == 32  # capped at the feature width
-    assert result.group("cd").models == (2, 3)
-    assert result.group("baseline").confidence.shape == (500,)
-    assert set(result.table["statistic"]) >= {"features |F|", "mean frequency E[F]", "features per image D"}
-    assert result.run_ids["cd"] == [c.run_id() for c in plans.cd_feature_models(P)]
 
 
 def test_plot_run_ema_on_a_stored_run(tmp_path):
