@@ -25,8 +25,9 @@ from scipy import stats
 from . import plans, runs
 from .claims import NOT_SUPPORTED, SUPPORTED, Claim, not_measured
 from .data import DeviceData, load_dataset
+from .train import resolve_device
 from .interaction import (PAPER_KD_SUMMARY, GroupStatistics, InteractionTensor, build_interaction_tensor,
-                          group_statistics, iter_activations, resolve_device, summary_table)
+                          group_statistics, iter_activations, summary_table)
 from .profiles import Profile
 
 KD_GROUPS = ("baseline", "student", "teacher")

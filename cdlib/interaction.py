@@ -32,14 +32,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .train import resolve_device
+
 LAYERS = ("pooled", "map")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device`` as a torch.device; None means CUDA when available, else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # --------------------------------------------------------------------------------------
