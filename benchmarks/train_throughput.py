@@ -86,6 +86,16 @@ def cdlib_images_per_second(ds: Dataset, arch: str, width: float, device) -> flo
     return n / (time.perf_counter() - start)
 
 
+def record_row(path, header_start: str, row: str) -> None:
+    """Insert ``row`` at the end of the Markdown table whose header starts with ``header_start``."""
+    lines = path.read_text().splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    while at + 1 < len(lines) and lines[at + 1].startswith("|"):
+        at += 1
+    lines.insert(at + 1, row)
+    path.write_text("".join(lines))
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -115,8 +125,7 @@ def main(argv=None):
                                 cwd=paths.REPO).stdout.strip()
         row = (f"| {datetime.date.today()} | {commit} | {name} | torch {torch.__version__} | {args.arch} x{args.width} "
                f"| {ref:.0f} | {ours:.0f} | {ours / ref:.2f}x |\n")
-        with open(paths.REPO / "docs" / "BENCHMARKS.md", "a") as f:
-            f.write(row)
+        record_row(paths.REPO / "docs" / "BENCHMARKS.md", "| date | commit | device | torch | network |", row)
 
 
 if __name__ == "__main__":
