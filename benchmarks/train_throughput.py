@@ -17,22 +17,23 @@ import datetime
 import subprocess
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cdlib import paths
 from cdlib.config import TrainConfig
 from cdlib.data import Dataset, DeviceData
+from cdlib.estimate import DataSpec, random_dataset, synchronize
 from cdlib.models import build_model
 from cdlib.train import Trainer
 
 
-def random_cifar(n: int, num_classes: int = 100, seed: int = 0) -> Dataset:
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, num_classes, n).astype(np.int64)
-    return Dataset("random", images, labels, images[:1000], labels[:1000], [str(i) for i in range(num_classes)])
+WARMUP_STEPS = 3  # untimed batches of the reference loop (workers starting, allocations)
+
+
+def random_cifar(n: int, num_classes: int = 100) -> Dataset:
+    """n random CIFAR-shaped uint8 images with random labels."""
+    return random_dataset(n, DataSpec(n, min(n, 256), 32, num_classes))
 
 
 def reference_images_per_second(ds: Dataset, arch: str, width: float, device, steps: int, workers: int) -> float:
@@ -55,10 +56,10 @@ def reference_images_per_second(ds: Dataset, arch: str, width: float, device, st
     torch.manual_seed(0)
     model = build_model(arch, ds.num_classes, width).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    warmup, seen, start = 3, 0, None
+    warmup, seen, start = WARMUP_STEPS, 0, None
     for i, (x, y) in enumerate(loader):
         if i == warmup:
-            _sync(device)
+            synchronize(device)
             start, seen = time.perf_counter(), 0
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss = F.cross_entropy(model(x), y)
@@ -69,7 +70,7 @@ def reference_images_per_second(ds: Dataset, arch: str, width: float, device, st
         seen += len(y)
         if i == warmup + steps - 1:
             break
-    _sync(device)
+    synchronize(device)
     return seen / (time.perf_counter() - start)
 
 
@@ -79,10 +80,10 @@ def cdlib_images_per_second(ds: Dataset, arch: str, width: float, device) -> flo
     trainer = Trainer(config, device=device, data=data)
     n = len(ds.train_labels)
     trainer.train_epoch(progress=False)  # warm-up epoch (allocations, cuDNN autotuning)
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     trainer.train_epoch(progress=False)
-    _sync(device)
+    synchronize(device)
     return n / (time.perf_counter() - start)
 
 
@@ -96,11 +97,6 @@ def record_row(path, header_start: str, row: str) -> None:
     path.write_text("".join(lines))
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cuda = torch.cuda.is_available()
@@ -112,7 +108,7 @@ def main(argv=None):
     parser.add_argument("--record", action="store_true", help="append the result to docs/BENCHMARKS.md")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    ds = random_cifar(128 * args.steps)
+    ds = random_cifar(128 * (args.steps + WARMUP_STEPS))  # the reference skips its first batches
     ref = reference_images_per_second(ds, args.arch, args.width, device, args.steps, args.workers)
     ours = cdlib_images_per_second(ds, args.arch, args.width, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"

@@ -72,7 +72,8 @@ def random_dataset(n: int, spec: DataSpec, seed: int = 0) -> Dataset:
                    [str(i) for i in range(spec.num_classes)])
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timing); a no-op on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -107,11 +108,11 @@ def _time_forwards(model, x, steps: int, device: torch.device, autocast) -> floa
     with torch.no_grad(), autocast:
         for rep in range(2):  # the first round warms up
             if rep == 1:
-                _sync(device)
+                synchronize(device)
                 start = time.perf_counter()
             for _ in range(steps):
                 model(x)
-        _sync(device)
+        synchronize(device)
     return (time.perf_counter() - start) / steps
 
 
@@ -148,11 +149,11 @@ def measure(arch: str, recipe: TrainConfig, spec: DataSpec, device: torch.device
         GroupTrainer(configs, device=device, data=data)
     try:
         trainer.train_epoch(False)  # warm-up: allocations, cuDNN autotuning
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         trainer.epoch = 1
         trainer.train_epoch(False)
-        _sync(device)
+        synchronize(device)
         step_s = (time.perf_counter() - start) / steps
         forward_s = _time_forwards(trainer.model, x, steps, device, autocast)
     finally:

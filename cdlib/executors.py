@@ -35,6 +35,7 @@ from pathlib import Path
 from . import locks, paths, runs
 from .config import TrainConfig
 from .plans import unique
+from .train import atomic_write_text
 
 # What to do, for errors whose message names the problem but not always the fix.
 HINTS = {
@@ -467,9 +468,7 @@ def main(argv=None) -> int:
         outcome = train_one(json.loads(args.config.read_text()), args.device, args.data_root, args.on_locked)
         print(f"{outcome.run_id}: {outcome.status} {outcome.error} {outcome.message}".rstrip(), flush=True)
         if args.result:
-            tmp = args.result.with_name(args.result.name + ".tmp")
-            tmp.write_text(json.dumps(asdict(outcome)))
-            os.replace(tmp, args.result)
+            atomic_write_text(args.result, json.dumps(asdict(outcome)))
         return 0 if outcome.status == "finished" else 1
     report = execute(load_plan(args.plan), executor_from_args(args, args.data_root, args.device),
                      on_locked=args.on_locked, retries=args.retries)

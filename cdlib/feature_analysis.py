@@ -25,6 +25,7 @@ from scipy import stats
 from . import plans, runs
 from .claims import NOT_SUPPORTED, SUPPORTED, Claim, not_measured
 from .data import DeviceData, load_dataset
+from .confusion import softmax
 from .train import resolve_device
 from .interaction import (PAPER_KD_SUMMARY, GroupStatistics, InteractionTensor, build_interaction_tensor,
                           group_statistics, iter_activations, summary_table)
@@ -74,8 +75,7 @@ def true_class_probabilities(logits: Iterable[np.ndarray], labels) -> np.ndarray
         z = np.asarray(z, dtype=np.float64)
         if z.ndim != 2 or len(z) != len(labels):
             raise ValueError(f"model {m}: logits of shape {z.shape} do not match {len(labels)} labels")
-        z = z - z.max(axis=1, keepdims=True)
-        rows.append(np.exp(z[np.arange(len(labels)), labels] - np.log(np.exp(z).sum(axis=1))))
+        rows.append(softmax(z)[np.arange(len(labels)), labels])
     return np.stack(rows)
 
 

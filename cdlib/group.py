@@ -65,8 +65,8 @@ from .config import TrainConfig
 from .data import DeviceData, load_dataset
 from .models import DenseLayer, build_model
 from .objectives import Batch, EpochEnd, make_objective
-from .train import (CHECKPOINT, SYNC_EVERY, NonFiniteLossError, _progress, atomic_save, atomic_write_text,
-                    epoch_seed, learning_rate, load_checkpoint, resolve_device)
+from .train import (CHECKPOINT, SYNC_EVERY, NonFiniteLossError, _progress, add_counts, atomic_save,
+                    atomic_write_text, epoch_seed, learning_rate, load_checkpoint, resolve_device)
 
 # Fields in which the members of one group may differ; everything else is the shared recipe.
 VARYING_FIELDS = ("name", "seed", "objective_args")
@@ -83,11 +83,6 @@ def default_group_size(device=None, arch: str = "resnet18") -> int:
     if device.type != "cuda":
         return 1
     return CUDA_GROUP_SIZES.get(arch, 4)
-
-
-def _add_counts(counts: torch.Tensor, index: torch.Tensor) -> None:
-    """counts[index] += 1 with repeats, without the host synchronisation of torch.bincount on CUDA."""
-    counts.index_add_(0, index, torch.ones_like(index))
 
 
 # --------------------------------------------------------------------------- fused layers
@@ -674,7 +669,7 @@ class GroupTrainer:
             loss_sum += losses * labels.shape[1]
             predictions = torch.stack([logits.detach().argmax(1) for _, logits in results])
             correct += (predictions == labels).sum(1)
-            _add_counts(confusion, (offsets + labels * C + predictions).flatten())
+            add_counts(confusion, (offsets + labels * C + predictions).flatten())
             if (i + 1) % SYNC_EVERY == 0:
                 self._check_finite(first_bad_step)
         for m in self.members:
@@ -724,7 +719,7 @@ class GroupTrainer:
             topk = logits.topk(min(5, C), dim=2).indices
             top1 += (topk[..., 0] == labels).sum(1)
             top5 += (topk == labels[None, :, None]).any(2).sum(1)
-            _add_counts(confusion, (offsets + labels * C + topk[..., 0]).flatten())
+            add_counts(confusion, (offsets + labels * C + topk[..., 0]).flatten())
             if return_logits:
                 all_logits.append(logits)
         total = len(self.data.test_labels)
