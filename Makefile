@@ -11,13 +11,13 @@ setup:  ## install pinned dependencies and cdlib (editable)
 
 test: setup  ## unit tests + every notebook under nbval (smoke profile, fresh outputs)
 	rm -rf $(TEST_OUTPUTS)
-	CDLIB_OUTPUTS=$(TEST_OUTPUTS) $(PYTHON) -m pytest
+	CDLIB_OUTPUTS=$(TEST_OUTPUTS) CDLIB_PROGRESS=0 $(PYTHON) -m pytest
 
 reproduce: setup  ## every notebook in order: paper profile with CUDA, smoke otherwise (PROFILE=quick ...)
-	$(PYTHON) -m cdlib.pipeline --profile $(PROFILE)
+	$(PYTHON) -m cdlib.experiments.pipeline --profile $(PROFILE)
 
 smoke: setup  ## the whole pipeline on a CPU in minutes
-	$(PYTHON) -m cdlib.pipeline --profile smoke
+	$(PYTHON) -m cdlib.experiments.pipeline --profile smoke
 
 lab: setup
 	$(PYTHON) -m jupyter lab notebooks/

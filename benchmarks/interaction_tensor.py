@@ -2,11 +2,11 @@
 
 Default size: 60 models x 10,000 images x 512 features (ResNet-18's pooled layer),
 K = 50 components. Activations are synthetic and seeded, with planted features
-(:func:`cdlib.interaction.planted_features`): each model sees 40 of 100 shared
+(:func:`cdlib.core.interaction.planted_features`): each model sees 40 of 100 shared
 features plus 10 of its own, 700 planted features in all (the paper's tensor has
 about 750; at K = 50 PCA blends some planted features of similar variance, and the
 build finds about 570). Activations are generated one model at a time inside the build, as
-:func:`cdlib.interaction.iter_activations` would deliver them, and their
+:func:`cdlib.core.interaction.iter_activations` would deliver them, and their
 generation is timed as the "activations" stage.
 
 Targets: under 10 minutes on 2 CPU cores, peak memory under 2 GB.
@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cdlib import interaction as it  # noqa: E402
+from cdlib.core import interaction as it  # noqa: E402
 
 GROUP_NAMES = ("baseline", "student", "teacher")
 

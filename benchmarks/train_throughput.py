@@ -15,17 +15,20 @@ from __future__ import annotations
 import argparse
 import datetime
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from cdlib import paths
-from cdlib.config import TrainConfig
-from cdlib.data import Dataset, DeviceData
-from cdlib.estimate import DataSpec, random_dataset, synchronize
-from cdlib.models import build_model
-from cdlib.train import Trainer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's cdlib, installed or not
+from cdlib import paths  # noqa: E402
+from cdlib.core.config import TrainConfig  # noqa: E402
+from cdlib.core.data import Dataset, DeviceData  # noqa: E402
+from cdlib.core.engine import Engine, Member  # noqa: E402
+from cdlib.core.models import build_model  # noqa: E402
+from cdlib.scaleout.estimate import DataSpec, random_dataset, synchronize  # noqa: E402
 
 
 WARMUP_STEPS = 3  # untimed batches of the reference loop (workers starting, allocations)
@@ -74,15 +77,15 @@ def reference_images_per_second(ds: Dataset, arch: str, width: float, device, st
     return seen / (time.perf_counter() - start)
 
 
-def cdlib_images_per_second(ds: Dataset, arch: str, width: float, device) -> float:
+def cdlib_images_per_second(ds: Dataset, arch: str, width: float, device, strategy: str = "eager") -> float:
     config = TrainConfig(arch=arch, width=width, epochs=2, rotation=15)
     data = DeviceData(ds, device, rotation=15)
-    trainer = Trainer(config, device=device, data=data)
+    engine = Engine([Member(config, data, device)], data, device, strategy)
     n = len(ds.train_labels)
-    trainer.train_epoch(progress=False)  # warm-up epoch (allocations, cuDNN autotuning)
+    engine.train_epoch()  # warm-up epoch (allocations, cuDNN autotuning, compilation)
     synchronize(device)
     start = time.perf_counter()
-    trainer.train_epoch(progress=False)
+    engine.train_epoch()
     synchronize(device)
     return n / (time.perf_counter() - start)
 

@@ -1,13 +1,16 @@
 """cdlib: the library behind the reproduction of Kang & Kim (ICPR 2026),
 "What Do Students Learn? A Feature-Level Analysis of Dark Knowledge".
 
-Modules follow the paper's concepts: ``data`` (data sets, GPU augmentation),
-``models`` (CIFAR networks), ``objectives`` (CE, LS, KD, Tf-KD, CS-KD, PS-KD,
-Confusion Distillation), ``train`` (the loop), ``runs`` (the run store),
-``profiles`` and ``plans`` (what each notebook trains), ``interaction`` and
-``feature_analysis`` (the Interaction Tensor and the KD feature analysis),
-``confusion`` and ``dark_knowledge`` (confusion matrices as dark knowledge),
-``distillation_results`` (Tables 1-2), ``claims`` and ``report`` (the claims
-report), ``tables`` and ``figures``.
+Three layers, each importing only the ones below it:
+
+- ``cdlib.core``: data sets and GPU augmentation, networks, objectives (losses on
+  logits), the training engine, the run store, and the tensor analyses (Interaction
+  Tensor, confusion matrices);
+- ``cdlib.experiments``: profiles and plans (what each notebook trains), the
+  per-notebook analyses, claims, report, tables and figures, the notebook pipeline;
+- ``cdlib.scaleout``: planning, run-time estimates and executors for many workers.
+
+``cdlib.paths`` knows where the repository, data and outputs live.
+``python -m cdlib`` lists the command-line tools.
 """
 __version__ = "0.1.0"

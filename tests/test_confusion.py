@@ -1,4 +1,4 @@
-"""Tests of cdlib.confusion and cdlib.confusion_figures.
+"""Tests of cdlib.core.confusion and cdlib.experiments.confusion_figures.
 
 Every measure is checked against a plainly written float64 reference with Python
 loops, on random matrices that include zero entries and zero rows.
@@ -12,8 +12,8 @@ matplotlib.use("Agg")
 import numpy as np
 import pytest
 
-from cdlib import confusion as cf
-from cdlib import confusion_figures as cfig
+from cdlib.core import confusion as cf
+from cdlib.experiments import confusion_figures as cfig
 
 SEEDS = range(5)
 

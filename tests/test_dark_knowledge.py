@@ -1,4 +1,4 @@
-"""Tests of cdlib.dark_knowledge (claim 4 from the run store).
+"""Tests of cdlib.experiments.dark_knowledge (claim 4 from the run store).
 
 Numbers are checked against plain float64 references written with Python loops. The
 run store is faked: finished run folders with made-up test logits and per-epoch
@@ -14,9 +14,11 @@ matplotlib.use("Agg")
 import numpy as np
 import pytest
 
-from cdlib import claims, confusion, paths, plans, runs
-from cdlib import dark_knowledge as dk
-from cdlib.profiles import Profile
+from cdlib.experiments import claims, plans
+from cdlib.core import confusion, runs
+from cdlib import paths
+from cdlib.experiments import dark_knowledge as dk
+from cdlib.experiments.profiles import Profile
 
 C, PER_CLASS, SUPER = 8, 12, 4  # classes, test images per class, classes per super-class
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from cdlib import data
-from cdlib.data import DataError, DeviceData, load_dataset
+from cdlib.core import data
+from cdlib.core.data import DataError, DeviceData, load_dataset
 
 
 # ----------------------------------------------------------------------------- CIFAR pickle layout

@@ -1,4 +1,4 @@
-"""Tables, tests, claim and EMA replay of ``cdlib.distillation_results`` (notebooks 02 and 05).
+"""Tables, tests, claim and EMA replay of ``cdlib.experiments.distillation_results`` (notebooks 02 and 05).
 
 Table builders run on fake run folders (config.json + summary.json + metrics + confusions,
 written by hand, no training). The EMA replay is checked against a float64 loop of the
@@ -24,13 +24,14 @@ from scipy import stats
 
 matplotlib.use("Agg")
 
-from cdlib import distillation_figures, paper, plans, runs  # noqa: E402
-from cdlib import distillation_results as dr  # noqa: E402
-from cdlib.claims import NOT_SUPPORTED, SUPPORTED  # noqa: E402
-from cdlib.config import TrainConfig  # noqa: E402
-from cdlib.objectives import ConfusionDistillation  # noqa: E402
-from cdlib.profiles import get_profile  # noqa: E402
-from cdlib.train import fit  # noqa: E402
+from cdlib.experiments import distillation_figures, paper, plans  # noqa: E402
+from cdlib.core import runs
+from cdlib.experiments import distillation_results as dr  # noqa: E402
+from cdlib.experiments.claims import NOT_SUPPORTED, SUPPORTED  # noqa: E402
+from cdlib.core.config import TrainConfig  # noqa: E402
+from cdlib.core.objectives import ConfusionDistillation  # noqa: E402
+from cdlib.experiments.profiles import get_profile  # noqa: E402
+from cdlib.core.engine import fit  # noqa: E402
 
 C = 6  # classes of the fake runs
 
@@ -341,7 +342,7 @@ def test_resume_mid_soft_phase_reproduces_the_straight_run(straight_cd_run, tmp_
     checkpoint = folder / "checkpoint.pt"
     log = tmp_path / "stderr.txt"
     with open(log, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "cdlib.train", str(config_path), str(folder), "--quiet",
+        proc = subprocess.Popen([sys.executable, "-m", "cdlib", "train", str(config_path), str(folder), "--quiet",
                                  "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=stderr)
     killed_at, deadline = None, time.monotonic() + 600  # generous: the CI machine may be busy
     try:

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from cdlib import locks, runs, train
-from cdlib.config import TrainConfig
-from cdlib.executors import InProcess, execute
+from cdlib.core import locks, runs, engine as train
+from cdlib.core.config import TrainConfig
+from cdlib.scaleout.executors import InProcess, execute
 from test_data import _write_pickle, make_cifar100  # noqa: E402  (tests/ is on sys.path under pytest)
 
 TINY = TrainConfig(name="tiny", dataset="synthetic", arch="resnet18", width=0.0625, epochs=1)

@@ -1,4 +1,4 @@
-"""Tests of cdlib.feature_analysis: the KD analysis from the run store and claims 1-3.
+"""Tests of cdlib.experiments.feature_analysis: the KD analysis from the run store and claims 1-3.
 
 Numbers are checked against plain float64 references written from the definitions;
 the plumbing (groups, order, confidences, normalisation) against a direct build on
@@ -12,13 +12,14 @@ import pytest
 import torch
 from scipy import special
 
-from cdlib import feature_analysis as fa
-from cdlib import interaction as it
-from cdlib import plans, runs
-from cdlib.claims import NOT_MEASURED, NOT_SUPPORTED, SUPPORTED, claims_frame
-from cdlib.config import TrainConfig
-from cdlib.data import DeviceData, synthetic
-from cdlib.profiles import get_profile
+from cdlib.experiments import feature_analysis as fa
+from cdlib.core import interaction as it
+from cdlib.experiments import plans
+from cdlib.core import runs
+from cdlib.experiments.claims import NOT_MEASURED, NOT_SUPPORTED, SUPPORTED, claims_frame
+from cdlib.core.config import TrainConfig
+from cdlib.core.data import DeviceData, synthetic
+from cdlib.experiments.profiles import get_profile
 
 
 # --------------------------------------------------------------------------------------

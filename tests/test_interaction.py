@@ -1,4 +1,4 @@
-"""Tests of the Interaction Tensor (cdlib.interaction) and its figures.
+"""Tests of the Interaction Tensor (cdlib.core.interaction) and its figures.
 
 The central check compares the fast implementation with a slow one written plainly
 from PAPER.md section 4 (float64, Python loops), on synthetic activations whose
@@ -16,8 +16,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from cdlib import interaction as it  # noqa: E402
-from cdlib import interaction_figures as figs  # noqa: E402
+from cdlib.core import interaction as it  # noqa: E402
+from cdlib.experiments import interaction_figures as figs  # noqa: E402
 
 N_MODELS, N_IMAGES, N_DIMS = 6, 2000, 64
 N_SHARED, SHARED_PER_MODEL, PRIVATE_PER_MODEL = 10, 6, 2

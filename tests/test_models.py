@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cdlib.models import ARCHITECTURES, build_model
+from cdlib.core.models import ARCHITECTURES, build_model
 
 
 def n_params(model: torch.nn.Module) -> int:

@@ -2,22 +2,23 @@
 
 References loop over samples and classes in python floats, so they share no code
 with the vectorised implementation. Models are a linear layer on flattened
-3x8x8 images and the trainer is a SimpleNamespace with the attributes the
-training loop provides.
+3x8x8 images; ``trainer`` is a SimpleNamespace holding a run's config, model,
+generator, data and KD teacher, and ``forward_and_loss`` does for one batch what
+the engine does: the student's forward, the forwards the objective declares, the loss.
 """
 from __future__ import annotations
 
 import json
 import math
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 
-from cdlib.objectives import (CD_SCHEDULES, OBJECTIVES, Batch, EpochEnd, cd_ema_updates, cd_phase,
-                              make_objective, soft_loss)
+from cdlib.core.data import Batch
+from cdlib.core.objectives import (CD_SCHEDULES, OBJECTIVES, EpochEnd, cd_ema_updates, cd_phase, make_objective,
+                                   soft_loss)
 
 K = 5
 N = 40
@@ -47,7 +48,13 @@ def make_trainer(epochs=10, seed=0, K=K, N=N):
     data = SimpleNamespace(train_labels=labels, num_train=N, num_classes=K, augment=augment,
                            augment_calls=[])
     return SimpleNamespace(config=SimpleNamespace(epochs=epochs, seed=seed), model=make_model(K, seed),
-                           device=torch.device("cpu"), generator=torch.Generator().manual_seed(seed), data=data)
+                           generator=torch.Generator().manual_seed(seed), data=data,
+                           teacher=make_model(seed=99).eval().requires_grad_(False))
+
+
+def setup(objective, trainer):
+    objective.setup(trainer.config, trainer.data.train_labels, trainer.data.num_classes)
+    return objective
 
 
 def make_batch(trainer, B=8, seed=0):
@@ -55,18 +62,17 @@ def make_batch(trainer, B=8, seed=0):
     return Batch(trainer.data.augment(idx, trainer.generator), trainer.data.train_labels[idx], idx)
 
 
-@pytest.fixture
-def fake_run_store(monkeypatch):
-    """Stands in for cdlib.runs.load_model (the run store); records what was asked."""
-    calls, teachers = [], {}
-
-    def load_model(name, device):
-        calls.append((name, device))
-        teachers[name] = make_model(seed=99).train()  # train mode on purpose: setup must switch it
-        return teachers[name]
-
-    monkeypatch.setitem(sys.modules, "cdlib.runs", SimpleNamespace(load_model=load_model))
-    return SimpleNamespace(calls=calls, teachers=teachers)
+def forward_and_loss(objective, trainer, batch, epoch):
+    """One member's step as the engine runs it, up to the loss: returns (loss, logits)."""
+    logits = trainer.model(batch.images)
+    if "partner" in objective.extra_forwards:
+        partners = trainer.data.augment(objective.partners(batch.labels, trainer.generator), trainer.generator)
+        with torch.no_grad():
+            batch.partner_logits = trainer.model(partners)
+    if "teacher" in objective.extra_forwards:
+        with torch.no_grad():
+            batch.teacher_logits = trainer.teacher(batch.images)
+    return objective.loss(logits, batch, epoch), logits
 
 
 # ---------------------------------------------------------------- plain references
@@ -140,33 +146,31 @@ def test_ce_ls_tfkd_match_references(seed):
     labels = batch.labels.tolist()
     logits = trainer.model(batch.images)
 
-    loss, out = make_objective("ce").loss(trainer.model, batch, 0)
+    loss, out = forward_and_loss(make_objective("ce"), trainer, batch, 0)
     assert torch.equal(out, logits) and close(loss, ref_ce(logits, batch.labels))
 
     eps = 0.1
     ls_targets = [[(1 - eps) * o + eps / K for o in onehot(y)] for y in labels]
     ref = sum(ref_xent(t, ref_softmax(z)) for t, z in zip(ls_targets, rows(logits))) / len(labels)
-    assert close(make_objective("ls").loss(trainer.model, batch, 0)[0], ref)
+    assert close(make_objective("ls").loss(logits, batch, 0), ref)
 
     T, a = 20.0, 0.1
     p_d = [ref_softmax([0.99 if k == y else 0.01 / (K - 1) for k in range(K)], T) for y in labels]
     ref = (1 - a) * ref_ce(logits, batch.labels) + a * ref_distill(p_d, logits, 1.0)
-    assert close(make_objective("tfkd_reg").loss(trainer.model, batch, 0)[0], ref)
+    assert close(make_objective("tfkd_reg").loss(logits, batch, 0), ref)
 
 
 # ---------------------------------------------------------------- KD
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_kd_matches_reference_and_only_student_gets_gradients(fake_run_store, seed):
+def test_kd_matches_reference_and_only_student_gets_gradients(seed):
     trainer = make_trainer(seed=seed)
-    kd = make_objective("kd", {"teacher": "resnet152-seed0"})
-    kd.setup(trainer)
-    assert fake_run_store.calls == [("resnet152-seed0", trainer.device)]
-    teacher = fake_run_store.teachers["resnet152-seed0"]
-    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    kd = setup(make_objective("kd", {"teacher": "resnet152-seed0"}), trainer)
+    assert kd.extra_forwards == ("teacher",) and kd.teacher == "resnet152-seed0"  # a run name, not a network
+    teacher = trainer.teacher
 
     batch = make_batch(trainer, seed=seed)
-    loss, logits = kd.loss(trainer.model, batch, 0)
+    loss, logits = forward_and_loss(kd, trainer, batch, 0)
     T = 2.0
     targets = [ref_softmax(z, T) for z in rows(teacher(batch.images))]
     assert close(loss, 0.15 * ref_ce(logits, batch.labels) + 0.85 * ref_distill(targets, logits, T))
@@ -180,13 +184,12 @@ def test_kd_matches_reference_and_only_student_gets_gradients(fake_run_store, se
 
 def test_cskd_pairs_share_the_anchor_class_and_cover_it():
     trainer = make_trainer()
-    cskd = make_objective("cskd")
-    cskd.setup(trainer)
+    cskd = setup(make_objective("cskd"), trainer)
     labels = trainer.data.train_labels
     drawn = set()
     for _ in range(200):
         anchors = torch.randint(0, N, (64,), generator=trainer.generator)
-        pairs = cskd.sample_pairs(labels[anchors])
+        pairs = cskd.partners(labels[anchors], trainer.generator)
         assert torch.equal(labels[pairs], labels[anchors])
         drawn.update(zip(anchors.tolist(), pairs.tolist()))
     # Every same-class partner, the anchor itself included, is drawn for every anchor.
@@ -195,27 +198,26 @@ def test_cskd_pairs_share_the_anchor_class_and_cover_it():
 
 def test_cskd_pairs_are_reproducible_from_the_generator():
     trainer = make_trainer()
-    cskd = make_objective("cskd")
-    cskd.setup(trainer)
+    cskd = setup(make_objective("cskd"), trainer)
     labels = trainer.data.train_labels[:16]
     draws = []
     for seed in (7, 7, 8):
         trainer.generator.manual_seed(seed)
-        draws.append(cskd.sample_pairs(labels))
+        draws.append(cskd.partners(labels, trainer.generator))
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_cskd_loss_reference_two_forwards_and_detached_partner(seed):
     trainer = make_trainer(seed=seed)
-    cskd = make_objective("cskd")
-    cskd.setup(trainer)
+    cskd = setup(make_objective("cskd"), trainer)
+    assert cskd.extra_forwards == ("partner",)
     batch = make_batch(trainer, seed=seed)
     forwards = []
     model = trainer.model
     model.register_forward_pre_hook(lambda m, inputs: forwards.append(inputs[0].detach().clone()))
 
-    loss, logits = cskd.loss(model, batch, 0)
+    loss, logits = forward_and_loss(cskd, trainer, batch, 0)
     assert len(forwards) == 2 and torch.equal(forwards[0], batch.images)  # anchors first, partners apart
     partner_idx = trainer.data.augment_calls[-1]
     assert torch.equal(trainer.data.train_labels[partner_idx], batch.labels)
@@ -252,8 +254,7 @@ def random_table(seed, N=N, K=K):
 def test_pskd_targets_loss_and_table_update(seed):
     E = 10
     trainer = make_trainer(epochs=E, seed=seed)
-    pskd = make_objective("pskd")
-    pskd.setup(trainer)
+    pskd = setup(make_objective("pskd"), trainer)
     assert torch.equal(pskd.predictions, nn.functional.one_hot(trainer.data.train_labels, K).float())
     table = random_table(seed)
     pskd.load_state_dict({"predictions": table.clone()})
@@ -266,7 +267,7 @@ def test_pskd_targets_loss_and_table_update(seed):
         got = pskd.targets(batch.labels, batch.indices, epoch)
         assert torch.allclose(got.double(), torch.tensor(ref_targets, dtype=torch.float64), atol=1e-6)
 
-        loss, logits = pskd.loss(trainer.model, batch, epoch)
+        loss, logits = forward_and_loss(pskd, trainer, batch, epoch)
         ref = sum(ref_xent(t, ref_softmax(z)) for t, z in zip(ref_targets, rows(logits))) / len(ref_targets)
         assert close(loss, ref)
 
@@ -308,7 +309,7 @@ def test_cd_preset_phases_exact_epochs():
 
 def test_cd_schedule_must_cover_the_run():
     with pytest.raises(ValueError, match="covers 300 epochs"):
-        make_objective("cd", {"schedule": "cd300"}).setup(make_trainer(epochs=200))
+        setup(make_objective("cd", {"schedule": "cd300"}), make_trainer(epochs=200))
 
 
 def test_cd_test_source_needs_explicit_leak_permission():
@@ -316,7 +317,7 @@ def test_cd_test_source_needs_explicit_leak_permission():
         make_objective("cd", {"schedule": [2, 2], "source": "test"})
     cd = make_objective("cd", {"schedule": [2, 2], "source": "test", "allow_test_leak": True})
     with pytest.warns(UserWarning, match="leak"):
-        cd.setup(make_trainer(epochs=4))
+        setup(cd, make_trainer(epochs=4))
 
 
 # ---------------------------------------------------------------- Confusion Distillation: EMA and loss
@@ -344,9 +345,9 @@ def test_cd_ema_and_loss_step_by_step(variant, source):
                                "allow_test_leak": source == "test"})
     if source == "test":
         with pytest.warns(UserWarning):
-            cd.setup(trainer)
+            setup(cd, trainer)
     else:
-        cd.setup(trainer)
+        setup(cd, trainer)
     perm = cd.shuffle.tolist() if variant == "shuffled" else None
     Q = [[1 - eps + eps / K if j == k else eps / K for j in range(K)] for k in range(K)]
     counts_gen = torch.Generator().manual_seed(5)
@@ -355,7 +356,7 @@ def test_cd_ema_and_loss_step_by_step(variant, source):
         phase = "soft" if epoch in (2, 3, 7) else "hard"
         assert cd.phase(epoch) == phase
         batch = make_batch(trainer, seed=epoch)
-        loss, logits = cd.loss(trainer.model, batch, epoch)
+        loss, logits = forward_and_loss(cd, trainer, batch, epoch)
         ref = ref_ce(logits, batch.labels)
         if phase == "soft":
             R = ref_cd_targets(Q, variant, perm)
@@ -382,7 +383,7 @@ def test_cd_ema_and_loss_step_by_step(variant, source):
 def test_cd_shuffle_is_a_seeded_within_row_permutation():
     def shuffle(seed):
         cd = make_objective("cd", {"schedule": [1, 3], "targets": "shuffled"})
-        cd.setup(make_trainer(epochs=4, seed=seed))
+        setup(cd, make_trainer(epochs=4, seed=seed))
         return cd
 
     a, b, c = shuffle(0), shuffle(0), shuffle(1)
@@ -398,7 +399,7 @@ def test_cd_shuffle_is_a_seeded_within_row_permutation():
 
 def test_cd_rejects_epochs_out_of_order():
     cd = make_objective("cd", {"schedule": [2, 2]})
-    cd.setup(make_trainer(epochs=4))
+    setup(cd, make_trainer(epochs=4))
     counts = torch.ones(K, K, dtype=torch.long)
     cd.end_epoch(EpochEnd(0, counts, counts))
     with pytest.raises(ValueError, match="expected the end of epoch 1"):
@@ -416,22 +417,21 @@ def train_a_little(objective, trainer, epochs):
     for epoch in range(epochs):
         trainer.generator.manual_seed(epoch)
         for step in range(2):
-            objective.loss(trainer.model, make_batch(trainer, seed=10 * epoch + step), epoch)[0].backward()
+            forward_and_loss(objective, trainer, make_batch(trainer, seed=10 * epoch + step), epoch)[0].backward()
         counts = torch.randint(0, 9, (K, K), generator=torch.Generator().manual_seed(epoch))
         objective.end_epoch(EpochEnd(epoch, counts, counts.T.contiguous()))
 
 
 @pytest.mark.parametrize("name,args", ALL)
-def test_state_dict_round_trip(fake_run_store, tmp_path, name, args):
+def test_state_dict_round_trip(tmp_path, name, args):
     trainer = make_trainer(epochs=4)
-    objective = make_objective(name, args)
-    objective.setup(trainer)
+    objective = setup(make_objective(name, args), trainer)
     train_a_little(objective, trainer, 2)
     torch.save({"objective": objective.state_dict()}, tmp_path / "ckpt.pt")
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["objective"]
 
     resumed, resumed_trainer = make_objective(name, json.loads(json.dumps(args))), make_trainer(epochs=4)
-    resumed.setup(resumed_trainer)
+    setup(resumed, resumed_trainer)
     resumed.load_state_dict(state)
     saved, restored = objective.state_dict(), resumed.state_dict()
     assert saved.keys() == restored.keys()
@@ -439,22 +439,20 @@ def test_state_dict_round_trip(fake_run_store, tmp_path, name, args):
         assert torch.equal(value, restored[key]) if torch.is_tensor(value) else value == restored[key]
 
     # Both continue identically on the same batch and generator state (epoch 2 is a soft CD epoch).
-    if name == "kd":  # same teacher weights in both
-        resumed.teacher = objective.teacher
     batch = make_batch(trainer, seed=123)
     losses = []
     for obj, its_trainer in ((objective, trainer), (resumed, resumed_trainer)):
         its_trainer.generator.manual_seed(2)
-        losses.append(obj.loss(trainer.model, batch, 2)[0])
+        its_trainer.model, its_trainer.teacher = trainer.model, trainer.teacher  # same networks in both
+        losses.append(forward_and_loss(obj, its_trainer, batch, 2)[0])
     assert torch.equal(losses[0], losses[1])
 
 
 @pytest.mark.parametrize("name,args", ALL)
-def test_losses_are_float32_under_bf16_autocast(fake_run_store, name, args):
+def test_losses_are_float32_under_bf16_autocast(name, args):
     trainer = make_trainer(epochs=4)
-    objective = make_objective(name, args)
-    objective.setup(trainer)
+    objective = setup(make_objective(name, args), trainer)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, logits = objective.loss(trainer.model, make_batch(trainer), 1)
+        loss, logits = forward_and_loss(objective, trainer, make_batch(trainer), 1)
     assert logits.dtype == torch.bfloat16
     assert loss.dtype == torch.float32 and loss.ndim == 0 and torch.isfinite(loss)

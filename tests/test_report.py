@@ -1,4 +1,4 @@
-"""Tests of cdlib.report: REPORT.md from a fake run store, never training, never crashing."""
+"""Tests of cdlib.experiments.report: REPORT.md from a fake run store, never training, never crashing."""
 import inspect
 
 import matplotlib
@@ -7,9 +7,10 @@ matplotlib.use("Agg")
 
 import pytest
 
-from cdlib import claims, dark_knowledge, paths, report
-from cdlib.claims import Claim
-from cdlib.profiles import get_profile
+from cdlib.experiments import claims, dark_knowledge, report
+from cdlib import paths
+from cdlib.experiments.claims import Claim
+from cdlib.experiments.profiles import get_profile
 
 from test_dark_knowledge import FakeData, fake_store, tiny_profile
 
@@ -17,8 +18,8 @@ from test_dark_knowledge import FakeData, fake_store, tiny_profile
 @pytest.fixture
 def fake_data(monkeypatch):
     """analyse loads its labels from this fake data set instead of the real one."""
-    import cdlib.data
-    monkeypatch.setattr(cdlib.data, "load_dataset", lambda name, root=None, download=False: FakeData())
+    import cdlib.core.data
+    monkeypatch.setattr(cdlib.core.data, "load_dataset", lambda name, root=None, download=False: FakeData())
 
 
 def sections(text):

@@ -5,9 +5,10 @@ import pandas as pd
 import pytest
 import torch
 
-from cdlib import plans, runs, tables
-from cdlib.config import TrainConfig
-from cdlib.profiles import get_profile
+from cdlib.experiments import plans, tables
+from cdlib.core import runs
+from cdlib.core.config import TrainConfig
+from cdlib.experiments.profiles import get_profile
 
 TINY = TrainConfig(name="tiny", dataset="synthetic", arch="resnet18", width=0.0625, epochs=2)
 
@@ -27,10 +28,10 @@ def test_get_or_train_caches_and_loads(monkeypatch, isolated_outputs):
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
-    monkeypatch.setattr(runs, "fit", no_training)
+    monkeypatch.setattr(runs.engine, "fit", no_training)
     again = runs.get_or_train(TINY, progress=False)
     assert again.summary == run.summary
-    model = runs.load_model(TINY.run_id())
+    model = runs.find_run(TINY.run_id()).load_model()
     logits = model(torch.zeros(1, 3, 16, 16))
     assert logits.shape == (1, 20) and not model.training
     assert run.confusions("test").shape == (2, 20, 20)

@@ -1,7 +1,7 @@
 """Scale-out: plans without notebooks, run locks, and the executors under crashes and preemption.
 
 Workers here are real processes: forked from this one (fast: torch is already imported) for
-the lock races and SIGKILL trials, ``python -m cdlib.executors train`` subprocesses for the
+the lock races and SIGKILL trials, ``python -m cdlib executors train`` subprocesses for the
 local executor, and submitit's LocalExecutor jobs for the Slurm path. Runs are tiny
 (synthetic data, width 1/16, 1-2 epochs) and single-threaded, so that an interrupted run can
 be compared bit for bit with an uninterrupted one.
@@ -25,12 +25,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdlib import executors, locks, pipeline, plan, runs
-from cdlib.config import TrainConfig
-from cdlib.executors import InProcess, LocalGPUs, execute
-from cdlib.plans import notebook_plan
-from cdlib.profiles import get_profile
-from cdlib.train import CHECKPOINT, fit
+from cdlib.scaleout import executors, plan
+from cdlib.core import locks, runs
+from cdlib.experiments import pipeline
+from cdlib.core.config import TrainConfig
+from cdlib.scaleout.executors import InProcess, LocalGPUs, execute
+from cdlib.experiments.plans import notebook_plan
+from cdlib.experiments.profiles import get_profile
+from cdlib.core.engine import CHECKPOINT, fit
 
 TINY = TrainConfig(name="tiny", dataset="synthetic", arch="resnet18", width=0.0625, epochs=1)
 KILL = TINY.replace(name="kill", epochs=2)  # two epochs: a kill can land before, between or after checkpoints
@@ -244,7 +246,7 @@ def test_get_or_train_waits_for_a_live_owner_and_skips_on_request(isolated_outpu
             shutil.copy(f, folder / f.name)
         owner.release()
     threading.Thread(target=finish_and_release).start()
-    monkeypatch.setattr(runs, "fit", lambda *a, **k: pytest.fail("trained a run that another worker finished"))
+    monkeypatch.setattr(runs.engine, "fit", lambda *a, **k: pytest.fail("trained a run that another worker finished"))
     run = runs.get_or_train(TINY, progress=False)  # default: wait
     assert run.summary["run_id"] == TINY.run_id()
     assert "is being trained by" in capsys.readouterr().err

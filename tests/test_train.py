@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from cdlib import objectives
-from cdlib.config import TrainConfig
-from cdlib.train import NonFiniteLossError, fit, learning_rate, load_checkpoint
+from cdlib.core import objectives
+from cdlib.core.config import TrainConfig
+from cdlib.core.engine import NonFiniteLossError, fit, learning_rate, load_checkpoint
 
 TINY = TrainConfig(name="tiny", dataset="synthetic", arch="resnet18", width=0.0625, epochs=3, rotation=15)
 
@@ -63,7 +63,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     killed = tmp_path / "killed"
     killed.mkdir()
     (killed / "config.json").write_text(json.dumps(config.to_dict()))
-    proc = subprocess.Popen([sys.executable, "-m", "cdlib.train", str(killed / "config.json"), str(killed), "--quiet"],
+    proc = subprocess.Popen([sys.executable, "-m", "cdlib", "train", str(killed / "config.json"), str(killed), "--quiet"],
                             env={**os.environ, "PYTHONHASHSEED": "0"})
     deadline = time.time() + 300
     while not (killed / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
@@ -86,11 +86,11 @@ class ExplodingLoss(objectives.CrossEntropy):
     def __init__(self):
         self.calls = 0
 
-    def loss(self, model, batch, epoch):
-        loss, logits = super().loss(model, batch, epoch)
+    def loss(self, logits, batch, epoch):
+        loss = super().loss(logits, batch, epoch)
         self.calls += 1
         exploded = epoch == 1 and self.calls == 16 + 3  # the synthetic set has 16 steps per epoch
-        return (loss * float("nan") if exploded else loss), logits
+        return loss * float("nan") if exploded else loss
 
 
 def test_nan_loss_stops_with_epoch_and_step(tmp_path, monkeypatch):

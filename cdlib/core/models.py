@@ -9,7 +9,7 @@ Tensor, PCA of features) reads activations as well as logits:
 
     feature_map(x) -> (B, D, h, w)  last-stage map before pooling
     features(x)    -> (B, D)        global-average-pooled penultimate vector
-    forward(x)     -> (B, classes)  == classifier(features(x))
+    forward(x)     -> (B, classes)  == classifier(features(x)), in float32 under autocast too
 
 plus ``feature_dim`` (D) and the linear head ``classifier``.
 
@@ -23,6 +23,17 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def float32_head(classifier: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """The linear head in float32 even under autocast: logits feed argmax confusions (CD),
+    stored predictions (PS-KD) and near-tie decisions, which bf16 rounding would change.
+    It costs one small matmul per batch."""
+    device_type = features.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return classifier(features.float())
+    return classifier(features)
 
 
 def _scale(channels: int, width: float) -> int:
@@ -109,7 +120,7 @@ class ResNet(nn.Module):
         return self.feature_map(x).mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        return float32_head(self.classifier, self.features(x))
 
 
 class DenseLayer(nn.Module):
@@ -164,7 +175,7 @@ class DenseNet(nn.Module):
         return self.feature_map(x).mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        return float32_head(self.classifier, self.features(x))
 
 
 _BUILDERS = {

@@ -1,10 +1,10 @@
-"""List what the notebooks train, without executing them: ``python -m cdlib.plan``.
+"""List what the notebooks train, without executing them: ``python -m cdlib plan``.
 
-    python -m cdlib.plan --profile paper --notebook 01          # runs of notebook 01
-    python -m cdlib.plan --profile paper --all --status         # every notebook, with the store's state
-    python -m cdlib.plan --profile paper --all --json > plan.json   # for python -m cdlib.executors run
+    python -m cdlib plan --profile paper --notebook 01          # runs of notebook 01
+    python -m cdlib plan --profile paper --all --status         # every notebook, with the store's state
+    python -m cdlib plan --profile paper --all --json > plan.json   # for python -m cdlib executors run
 
-The plans themselves live in ``cdlib.plans.notebook_plan``; a run shared by several
+The plans themselves live in ``cdlib.experiments.plans.notebook_plan``; a run shared by several
 notebooks is listed once, at its first place (teachers always before their students).
 """
 from __future__ import annotations
@@ -14,10 +14,10 @@ import json
 import sys
 import time
 
-from . import locks, runs
-from .config import TrainConfig
-from .plans import notebook_plan
-from .profiles import Profile, get_profile
+from cdlib.core import locks, runs
+from cdlib.core.config import TrainConfig
+from cdlib.experiments.plans import notebook_plan
+from cdlib.experiments.profiles import Profile, get_profile
 
 
 def available_notebooks(profile: Profile) -> list[str]:
@@ -72,7 +72,7 @@ def plan_rows(profile: Profile, notebooks: list[str], status: bool = False) -> l
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cdlib.plan", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m cdlib plan", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="auto", help="smoke | quick | paper | auto")
     parser.add_argument("--dataset", default=None, help="override the profile's data set")
     parser.add_argument("--notebook", action="append", default=[], help="notebook number(s), e.g. 01 or 01,03")

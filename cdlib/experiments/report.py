@@ -5,22 +5,21 @@ set and profile, the verdict and the rule that produced it, and relative links t
 figures and tables under ``outputs/`` that back it. Nothing in it is typed by hand:
 it calls the claim functions of the analysis modules,
 
-- claims 1-3: :func:`cdlib.feature_analysis.interaction_claims` on
-  :func:`cdlib.feature_analysis.analyse_profile` (baselines, KD students, teachers);
-- claim 4: :func:`cdlib.dark_knowledge.confusion_claim` on :func:`cdlib.dark_knowledge.analyse`;
-- claim 5: :func:`cdlib.distillation_results.cd_claim`, with the baseline-vs-CD
-  Interaction Tensor of :func:`cdlib.feature_analysis.analyse_profile` (baseline vs CD) when
+- claims 1-3: :func:`cdlib.experiments.feature_analysis.interaction_claims` on
+  :func:`cdlib.experiments.feature_analysis.analyse_profile` (baselines, KD students, teachers);
+- claim 4: :func:`cdlib.experiments.dark_knowledge.confusion_claim` on :func:`cdlib.experiments.dark_knowledge.analyse`;
+- claim 5: :func:`cdlib.experiments.distillation_results.cd_claim`, with the baseline-vs-CD
+  Interaction Tensor of :func:`cdlib.experiments.feature_analysis.analyse_profile` (baseline vs CD) when
   those models exist.
 
 The report never trains: a claim whose runs are not all finished, whose module is
 missing, or whose analysis raises, is reported as "not measured" with the reason.
 
-    python -m cdlib.report --profile smoke          # writes $CDLIB_OUTPUTS/REPORT.md
+    python -m cdlib report --profile smoke          # writes $CDLIB_OUTPUTS/REPORT.md
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import traceback
@@ -28,9 +27,11 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import __version__, claims, paths, plans, runs
-from .claims import Claim, not_measured
-from .profiles import Profile, get_profile
+from cdlib import __version__, paths
+from cdlib.experiments import claims, plans
+from cdlib.core import runs
+from cdlib.experiments.claims import Claim, not_measured
+from cdlib.experiments.profiles import Profile, get_profile
 
 CLAIM_NUMBERS = (1, 2, 3, 4, 5)
 
@@ -67,36 +68,19 @@ def _missing_reason(missing: Sequence[str], total: int, notebook: str) -> str:
     return f"{len(missing)} of {total} required runs not trained ({shown}); run notebook {notebook} first"
 
 
-def _import(name: str):
-    """The module ``cdlib.<name>``, or None when it does not exist (other import errors propagate)."""
-    try:
-        return importlib.import_module(f"cdlib.{name}")
-    except ModuleNotFoundError as err:
-        if err.name == f"cdlib.{name}":
-            return None
-        raise
-
-
 def _claims_1_to_3(profile: Profile, device=None, data_root=None) -> list[Claim]:
-    module = next((m for m in (_import("feature_analysis"), _import("interaction"))
-                   if m is not None and hasattr(m, "interaction_claims") and hasattr(m, "analyse_profile")), None)
-    if module is None:
-        return [not_measured(n, "no module provides analyse_profile and interaction_claims "
-                                "(cdlib/feature_analysis.py)") for n in (1, 2, 3)]
-    groups = getattr(module, "KD_GROUPS", ("baseline", "student", "teacher"))
-    group_plans = getattr(module, "GROUP_PLANS", {"baseline": plans.feature_baselines,
-                                                  "student": plans.kd_students, "teacher": plans.teachers})
-    required = [c for g in groups for c in group_plans[g](profile)]
+    from cdlib.experiments import feature_analysis
+    required = [c for g in feature_analysis.KD_GROUPS for c in feature_analysis.GROUP_PLANS[g](profile)]
     missing = _unfinished(required)
     if missing:
         return [not_measured(n, _missing_reason(missing, len(plans.unique(required)), "03"))
                 for n in (1, 2, 3)]
-    result = module.analyse_profile(profile, device=device, data_root=data_root)
-    return list(module.interaction_claims(result))
+    result = feature_analysis.analyse_profile(profile, device=device, data_root=data_root)
+    return list(feature_analysis.interaction_claims(result))
 
 
 def _claim_4(profile: Profile, device=None, data_root=None) -> list[Claim]:
-    from . import dark_knowledge
+    from cdlib.experiments import dark_knowledge
     required = dark_knowledge.required_runs(profile)
     missing = _unfinished(required)
     if missing:
@@ -106,9 +90,7 @@ def _claim_4(profile: Profile, device=None, data_root=None) -> list[Claim]:
 
 
 def _claim_5(profile: Profile, device=None, data_root=None) -> list[Claim]:
-    module = _import("distillation_results")
-    if module is None or not hasattr(module, "cd_claim"):
-        return [not_measured(5, "module cdlib/distillation_results.py with cd_claim is missing")]
+    from cdlib.experiments import distillation_results
     required = [c for cs in plans.table2(profile).values() for c in cs]
     missing = _unfinished(required)
     if missing:
@@ -116,9 +98,9 @@ def _claim_5(profile: Profile, device=None, data_root=None) -> list[Claim]:
     features = None
     feature_runs = plans.feature_baselines(profile) + plans.cd_feature_models(profile)
     if not _unfinished(feature_runs):
-        from .feature_analysis import analyse_profile
+        from cdlib.experiments.feature_analysis import analyse_profile
         features = analyse_profile(profile, ("baseline", "cd"), device=device, data_root=data_root)
-    return [module.cd_claim(profile, features=features)]
+    return [distillation_results.cd_claim(profile, features=features)]
 
 
 # Which claims each collector answers; collect_claims calls them in this order.
@@ -191,7 +173,7 @@ def render(profile: Profile, claim_list: Sequence[Claim], outputs: Path) -> str:
     lines = [
         "# Reproduction report: Kang & Kim, \"What Do Students Learn? A Feature-Level Analysis of Dark Knowledge\"",
         "",
-        f"Generated by `python -m cdlib.report --profile {profile.name} --dataset {profile.dataset}` "
+        f"Generated by `python -m cdlib report --profile {profile.name} --dataset {profile.dataset}` "
         f"(cdlib {__version__}, {now}) from the run store `{outputs / 'runs'}` ({finished} finished runs). "
         f"Profile **{profile.name}** ({profile.description}), data set **{profile.dataset}**. "
         "Do not edit by hand: rerun the command.",
@@ -241,7 +223,7 @@ def write_report(profile: Profile, device=None, data_root=None) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m cdlib.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cdlib report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="auto", help="smoke | quick | paper | auto (default)")
     parser.add_argument("--dataset", default=None, help="override the profile's data set")
     parser.add_argument("--device", default=None, help="device for the feature analyses (default: cuda if available)")

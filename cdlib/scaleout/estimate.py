@@ -1,8 +1,8 @@
-"""How long will a profile's training take here? ``python -m cdlib.estimate --profile paper``.
+"""How long will a profile's training take here? ``python -m cdlib estimate --profile paper``.
 
 Before a notebook starts, this prints what each notebook's plan and the whole
 profile will cost on this device, with the grouping that ``runs.get_or_train_many``
-uses (``cdlib.group``):
+uses (one run at a time, or fused groups with ``--strategy fused``):
 
 * per-epoch time of a run = steps x (one training step, amortised over the group)
   + the objective's extra work per step (KD: a teacher forward; CS-KD: a second
@@ -11,17 +11,17 @@ uses (``cdlib.group``):
   same network, objective, data set, width and device (``seconds`` in their
   ``metrics.jsonl``, divided by the ``group_size`` they trained in), and are
   otherwise measured now: a few steps of each network on random CIFAR-shaped data
-  through the real training code (``train.Trainer``, ``group.GroupTrainer``), alone
-  and as a group; on the CPU with a smaller timing batch, scaled up linearly;
+  through the real training code (``cdlib.core.engine.Engine``), alone and as a fused
+  group; on the CPU with a smaller timing batch, scaled up linearly;
 * runs already finished cost nothing, partial ones only their remaining epochs; a
   run shared by several notebooks is counted at the first one.
 
 It also prints the arithmetic floor: forward FLOPs x 3 per training image at a
 given rate (``--tflops``, default 400, a good H100 bf16 convolution rate).
 
-    python -m cdlib.estimate --profile paper                  # on the GPU that will train
-    python -m cdlib.estimate --profile smoke --steps 2        # a CPU check in seconds
-    python -m cdlib.estimate --profile paper --group-size 1   # without fused groups
+    python -m cdlib estimate --profile paper                  # on the GPU that will train
+    python -m cdlib estimate --profile smoke --steps 2        # a CPU check in seconds
+    python -m cdlib estimate --profile paper --strategy fused # fused groups (default sizes per network)
 """
 from __future__ import annotations
 
@@ -38,11 +38,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import paths, plans
-from .config import TrainConfig
-from .data import CIFAR_COUNTS, Dataset, DeviceData, load_dataset, synthetic
-from .profiles import Profile, get_profile
-from .train import resolve_device
+from cdlib import paths
+from cdlib.experiments import plans
+from cdlib.core.config import TrainConfig
+from cdlib.core.data import CIFAR_COUNTS, Dataset, DeviceData, load_dataset, synthetic
+from cdlib.experiments.profiles import Profile, get_profile
+from cdlib.core.engine import STRATEGIES, default_strategy
+from cdlib.core.runs import default_group_size, plan_groups
+from cdlib.core.util import resolve_device
 
 NOTEBOOKS = [f"{n:02d}" for n in range(1, 10)]
 EXTRA_FORWARDS = {"cskd": 1.0}  # student forwards per step beyond the training step's own
@@ -82,7 +85,7 @@ def forward_flops(arch: str, width: float, size: int, num_classes: int) -> float
     """Forward FLOPs of one image (counted on the meta device: no memory, no compute)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .models import build_model
+    from cdlib.core.models import build_model
     with torch.device("meta"):
         model = build_model(arch, num_classes, width)
         x = torch.empty(1, 3, size, size)
@@ -120,12 +123,12 @@ def measure(arch: str, recipe: TrainConfig, spec: DataSpec, device: torch.device
             batch: int, train: bool = True) -> ArchTiming:
     """Time ``steps`` training steps (after a warm-up epoch of as many) and forwards of ``arch``.
 
-    Training goes through the real loops (``train.Trainer`` alone, ``group.GroupTrainer``
-    for a group) on random images; ``train=False`` times forwards only (KD teachers).
+    Training goes through the engine (one member, or ``group`` members fused) on random
+    images; ``train=False`` times forwards only (KD teachers).
     """
-    from .group import GroupTrainer, fuse, stack_members
-    from .models import build_model
-    from .train import Trainer
+    from cdlib.core.engine import Engine, Member
+    from cdlib.core.fused import fuse, stack_members
+    from cdlib.core.models import build_model
     cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     x = torch.randn(batch, 3, spec.size, spec.size, device=device)
@@ -145,20 +148,15 @@ def measure(arch: str, recipe: TrainConfig, spec: DataSpec, device: torch.device
     data = DeviceData(random_dataset(batch * steps, spec), device, recipe.rotation)
     configs = [recipe.replace(arch=arch, batch_size=batch, epochs=2, objective="ce", objective_args={}, seed=s,
                               warmup_epochs=0) for s in range(group)]
-    trainer = Trainer(configs[0], device=device, data=data) if group == 1 else \
-        GroupTrainer(configs, device=device, data=data)
-    try:
-        trainer.train_epoch(False)  # warm-up: allocations, cuDNN autotuning
-        synchronize(device)
-        start = time.perf_counter()
-        trainer.epoch = 1
-        trainer.train_epoch(False)
-        synchronize(device)
-        step_s = (time.perf_counter() - start) / steps
-        forward_s = _time_forwards(trainer.model, x, steps, device, autocast)
-    finally:
-        if group > 1:
-            trainer.close()
+    engine = Engine([Member(c, data, device) for c in configs], data, device, "fused" if group > 1 else "eager")
+    engine.train_epoch()  # warm-up: allocations, cuDNN autotuning
+    synchronize(device)
+    start = time.perf_counter()
+    engine.epoch = 1
+    engine.train_epoch()
+    synchronize(device)
+    step_s = (time.perf_counter() - start) / steps
+    forward_s = _time_forwards(engine.units[0].network, x, steps, device, autocast)
     return ArchTiming(arch, group, step_s, forward_s, f"measured ({steps} steps of {batch})")
 
 
@@ -235,10 +233,10 @@ def epochs_done(config: TrainConfig, root: Path | None = None) -> int:
 
 def estimate(profile: Profile, device=None, group_size: int | None = None, steps: int | None = None,
              timing_batch: int | None = None, root: Path | None = None, tflops: float = 400.0,
-             data_root=None, log=print) -> dict:
+             data_root=None, log=print, strategy: str | None = None) -> dict:
     """The estimate as a dict (also what ``--json`` prints); ``log`` gets progress lines."""
-    from .group import default_group_size, plan_groups
     device = resolve_device(device)
+    strategy = strategy or default_strategy(device)
     cuda = device.type == "cuda"
     steps = steps or (20 if cuda else 2)
     by_notebook = notebook_runs(profile)
@@ -256,7 +254,7 @@ def estimate(profile: Profile, device=None, group_size: int | None = None, steps
         return teacher.arch if teacher is not None else profile.teacher_arch
 
     def size_for(arch: str) -> int:
-        return group_size or default_group_size(device, arch)
+        return group_size or default_group_size(strategy, arch)
 
     remaining = {rid: c.epochs - epochs_done(c, root) for rid, c in every.items()}
     needed: dict[tuple, set] = {}  # (arch, train?) -> group sizes to time
@@ -297,13 +295,13 @@ def estimate(profile: Profile, device=None, group_size: int | None = None, steps
         return steps_per_epoch * (step + extra) + eval_batches * fwd, "measured"
 
     flops = {}
-    report = {"profile": profile.name, "device": _device_name(device), "group_size": group_size,
+    report = {"profile": profile.name, "device": _device_name(device), "strategy": strategy, "group_size": group_size,
               "timing_batch": batch, "notebooks": {}, "per_epoch": {}}
     total_s = total_floor = 0.0
     for nb, runs in by_notebook.items():
         todo = [c for c in runs if remaining[c.run_id()] > 0]
         seconds = floor = 0.0
-        for members in plan_groups(todo, group_size, device) if todo else []:
+        for members in plan_groups(todo, group_size, strategy) if todo else []:
             g = len(members)
             for c in members:
                 per_epoch, source = epoch_seconds(c, g)
@@ -345,7 +343,7 @@ def _hours(seconds: float) -> str:
 
 
 def format_report(report: dict) -> str:
-    lines = [f"profile {report['profile']} on {report['device']}; groups: "
+    lines = [f"profile {report['profile']} on {report['device']}; strategy {report['strategy']}; groups: "
              f"{report['group_size'] or 'default per network'}; timing batch {report['timing_batch']}",
              "", "per-model seconds per epoch:"]
     for name, v in sorted(report["per_epoch"].items()):
@@ -362,13 +360,15 @@ def format_report(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cdlib.estimate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m cdlib estimate", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="auto", help="smoke | quick | paper | auto")
     parser.add_argument("--dataset", default=None, help="override the profile's data set")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    parser.add_argument("--strategy", default=None, choices=STRATEGIES,
+                        help="how runs execute (default: cdlib.core.engine.default_strategy)")
     parser.add_argument("--group-size", type=int, default=None,
-                        help="models per fused group (default: cdlib.group.default_group_size per network)")
+                        help="models per fused group (default: cdlib.core.runs.default_group_size per network)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per network (default 20 CUDA, 2 CPU)")
     parser.add_argument("--timing-batch", type=int, default=None,
                         help="batch for timing, scaled to the recipe's (default: the recipe's on CUDA, 32 on CPU)")
@@ -378,7 +378,7 @@ def main(argv=None) -> int:
     profile = get_profile(args.profile, args.dataset, announce=not args.json)
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
     report = estimate(profile, args.device, args.group_size, args.steps, args.timing_batch, tflops=args.tflops,
-                      data_root=args.data_root, log=log)
+                      data_root=args.data_root, log=log, strategy=args.strategy)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0
 

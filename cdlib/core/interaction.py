@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .train import resolve_device
+from cdlib.core.util import resolve_device, true_fp32
 
 LAYERS = ("pooled", "map")
 
@@ -84,7 +84,8 @@ def _model_activations(model, images, layer, batch_size, device) -> np.ndarray:
     model.eval().to(device)
     chunks = []
     try:
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        # True fp32 (no TF32 on CUDA): presence decisions at the percentile threshold must match the CPU's.
+        with torch.no_grad(), torch.autocast(device.type, enabled=False), true_fp32():
             for start in range(0, len(images), batch_size):
                 batch = images[start:start + batch_size].to(device, torch.float32)
                 if layer == "pooled":

@@ -10,28 +10,38 @@ the requested one is refused rather than overwritten.
 
 Many workers may share one store (several GPUs, Slurm nodes on a network file
 system): a worker trains a run only while it holds the folder's ``lock.json``
-(``cdlib.locks``). While training, the folder also holds ``attempts.jsonl`` (one
+(``cdlib.core.locks``). While training, the folder also holds ``attempts.jsonl`` (one
 line per training start: host, pid, resumed or not) and, after a failure,
 ``failed.json`` (the error; cleared when the run is tried again).
+
+Training itself is ``cdlib.core.engine``'s; this layer decides which runs train
+(``get_or_train``, ``get_or_train_many``: the only functions that train missing runs),
+loads KD teachers from the store (``load_teachers``), and finds finished runs
+(``find_run``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import socket
 import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from . import locks, paths
-from .config import TrainConfig
-from .train import CHECKPOINT, atomic_write_text, fit
+from cdlib import paths
+from cdlib.core import engine, locks
+from cdlib.core.config import TrainConfig
+from cdlib.core.data import DeviceData, load_dataset
+from cdlib.core.models import build_model
+from cdlib.core.util import atomic_write_text, resolve_device
 
 FAILED = "failed.json"
 ATTEMPTS = "attempts.jsonl"
@@ -64,7 +74,6 @@ class Run:
             return z[split]
 
     def load_model(self, device="cpu") -> torch.nn.Module:
-        from .models import build_model
         model = build_model(self.config.arch, self.summary["num_classes"], self.config.width)
         model.load_state_dict(torch.load(self.dir / "model.pt", map_location="cpu", weights_only=True))
         return model.to(device).eval()
@@ -90,13 +99,27 @@ def _check_stored_config(folder: Path, config: TrainConfig) -> None:
             f"changed. Move or delete that folder if it is stale, or point CDLIB_OUTPUTS elsewhere.")
 
 
+def load_teachers(configs: Iterable[TrainConfig], device=None, root: Path | None = None) -> dict[str, torch.nn.Module]:
+    """The KD teachers the configs name (``objective_args["teacher"]``: a run id or folder), loaded once each."""
+    names = {c.objective_args["teacher"] for c in configs if "teacher" in c.objective_args}
+    return {name: find_run(name, root).load_model(resolve_device(device)) for name in sorted(names)}
+
+
+def _prepare(folder: Path, config: TrainConfig) -> None:
+    """Before training a claimed run: its config on disk, the last failure cleared, the attempt logged."""
+    if not (folder / "config.json").is_file():
+        atomic_write_text(folder / "config.json", json.dumps(config.to_dict(), indent=1))
+    (folder / FAILED).unlink(missing_ok=True)
+    _log_attempt(folder)
+
+
 def get_or_train(config: TrainConfig, device=None, data_root=None, progress: bool = True,
-                 root: Path | None = None, data=None, on_locked: str = "wait") -> Run:
+                 root: Path | None = None, data=None, on_locked: str = "wait", strategy: str | None = None) -> Run:
     """Return the finished run of ``config``; train it (or resume it) first if needed.
 
     Training happens only under the run's lock. If another live worker holds it,
     ``on_locked="wait"`` (the default) waits for that worker and then returns its run;
-    ``"skip"`` raises :class:`cdlib.locks.RunLockedError` at once.
+    ``"skip"`` raises :class:`cdlib.core.locks.RunLockedError` at once.
     """
     folder = run_dir(config, root)
     _check_stored_config(folder, config)
@@ -111,12 +134,10 @@ def get_or_train(config: TrainConfig, device=None, data_root=None, progress: boo
     with locks.claim(folder, on_locked):
         _check_stored_config(folder, config)  # another worker may have created the folder meanwhile
         if not is_finished(folder):            # ... or finished the run while we waited
-            if not (folder / "config.json").is_file():
-                atomic_write_text(folder / "config.json", json.dumps(config.to_dict(), indent=1))
-            (folder / FAILED).unlink(missing_ok=True)
-            _log_attempt(folder)
+            _prepare(folder, config)
             try:
-                fit(config, folder, device=device, data_root=data_root, progress=progress, data=data)
+                engine.fit(config, folder, device=device, data_root=data_root, progress=progress, data=data,
+                           strategy=strategy, teachers=load_teachers([config], device, root))
             except Exception as err:
                 _mark_failed(folder, err)
                 raise
@@ -125,13 +146,13 @@ def get_or_train(config: TrainConfig, device=None, data_root=None, progress: boo
 
 def _log_attempt(folder: Path) -> None:
     line = {"host": socket.gethostname(), "pid": os.getpid(), "job": locks.JOB_KEY, "time": time.time(),
-            "resumed": (folder / CHECKPOINT).is_file()}
+            "resumed": (folder / engine.CHECKPOINT).is_file()}
     with open(folder / ATTEMPTS, "a") as f:
         f.write(json.dumps(line) + "\n")
 
 
 def _mark_failed(folder: Path, err: Exception) -> None:
-    """Record why the run stopped, for ``python -m cdlib.plan --status`` and other workers."""
+    """Record why the run stopped, for ``python -m cdlib plan --status`` and other workers."""
     record = {"error": type(err).__name__, "message": str(err), "host": socket.gethostname(),
               "pid": os.getpid(), "time": time.time()}
     try:
@@ -149,7 +170,7 @@ def failure(folder: Path) -> dict | None:
 
 
 def find_run(run: str | Path, root: Path | None = None) -> Run:
-    """A finished run by folder path or run id (``<name>-<hash>``)."""
+    """A finished run by folder path or run id (``<name>-<hash>``): the one function that finds runs."""
     folder = Path(run)
     if not folder.is_dir():
         folder = Path(root or paths.runs()) / str(run)
@@ -157,11 +178,6 @@ def find_run(run: str | Path, root: Path | None = None) -> Run:
         raise FileNotFoundError(f"no finished run at {folder}; train it first (get_or_train) or check the name.")
     config = TrainConfig.from_dict(json.loads((folder / "config.json").read_text()))
     return Run(folder, config)
-
-
-def load_model(run: str | Path, device="cpu") -> torch.nn.Module:
-    """The trained network of a finished run, in eval mode (used for KD teachers)."""
-    return find_run(run).load_model(device)
 
 
 def runs_frame(runs: Iterable[Run]) -> pd.DataFrame:
@@ -186,36 +202,60 @@ def metrics_frame(runs: Iterable[Run]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+# Members per fused group on CUDA (strategy "fused"). Unmeasured: benchmarks/gpu_check.py times them.
+FUSED_GROUP_SIZES = {"resnet18": 8, "resnet34": 8, "resnet50": 4, "resnet101": 4, "resnet152": 4,
+                     "densenet121": 4}
+
+
+def default_group_size(strategy: str, arch: str) -> int:
+    """Runs per ``engine.train`` call: fused groups for ``fused``, one run at a time otherwise."""
+    return FUSED_GROUP_SIZES.get(arch, 4) if strategy == "fused" else 1
+
+
+def plan_groups(configs: Sequence[TrainConfig], group_size: int | None = None,
+                strategy: str = "eager") -> list[list[TrainConfig]]:
+    """Split ``configs`` into groups that can train together, keeping the training order.
+
+    Configs with equal ``engine.recipe_key`` are split into near-equal consecutive chunks
+    of at most ``group_size`` (default ``default_group_size(strategy, arch)``); groups are
+    returned in the order of their first member, so runs listed before others (KD
+    teachers before their students) are trained first.
+    """
+    buckets: dict[str, list[int]] = {}
+    for position, config in enumerate(configs):
+        buckets.setdefault(engine.recipe_key(config), []).append(position)
+    groups = []
+    for positions in buckets.values():
+        size = group_size or default_group_size(strategy, configs[positions[0]].arch)
+        if size < 1:
+            raise ValueError(f"group_size must be at least 1, got {size}")
+        count = math.ceil(len(positions) / size)
+        groups += [[int(p) for p in chunk] for chunk in np.array_split(positions, count)]
+    groups.sort(key=lambda g: g[0])
+    return [[configs[p] for p in g] for g in groups]
+
+
 def get_or_train_many(configs: Iterable[TrainConfig], device=None, data_root=None, progress: bool = True,
                       root: Path | None = None, data=None, group_size: int | None = None,
-                      teacher_cache: bool = False) -> list[Run]:
-    """The finished runs of ``configs`` (in their order), training the unfinished ones in fused groups.
+                      strategy: str | None = None) -> list[Run]:
+    """The finished runs of ``configs`` (in their order), training the unfinished ones.
 
     Finished runs are skipped. Unfinished runs that share their recipe (they may differ
-    in seed, objective_args and name) train together as one fused network
-    (``cdlib.group.fit_group``), at most ``group_size`` at a time; the default,
-    ``cdlib.group.default_group_size(device, arch)``, is 1 on the CPU, i.e. plain
-    ``get_or_train``. Groups start in the order of their first run, so KD teachers
-    listed before their students finish first. Each member of a group is claimed with
-    the run store's lock; members that another worker holds are waited for at the end.
-    ``teacher_cache``: reuse KD teacher outputs per view (needs rotation 0, see
-    ``cdlib.group.TeacherCache``). Runs whose loss turned non-finite are reported
-    together at the end (``NonFiniteLossError``) after every other run was trained.
+    in seed, objective_args and name) train together in one ``engine.train`` call, at
+    most ``group_size`` at a time (``plan_groups``; with the default strategy, one run
+    at a time). Groups start in the order of their first run, so KD teachers listed
+    before their students finish first. Each member of a group is claimed with the run
+    store's lock; members that another worker holds are waited for at the end. Runs
+    whose loss turned non-finite are reported together at the end
+    (``NonFiniteLossError``) after every other run was trained.
     """
-    import contextlib
-
-    from . import group as grouping
-    from . import locks as run_locks
-    from .data import DeviceData, load_dataset
-    from .train import NonFiniteLossError, resolve_device
-
     configs = list(configs)
     dev = resolve_device(device)
+    strategy = strategy or engine.default_strategy(dev)
     for config in configs:
         _check_stored_config(run_dir(config, root), config)
     todo = list({c.run_id(): c for c in configs if not is_finished(run_dir(c, root))}.values())
     loaded: dict = {}
-    caches: dict = {}
 
     def data_for(config: TrainConfig):
         if data is not None:
@@ -227,41 +267,33 @@ def get_or_train_many(configs: Iterable[TrainConfig], device=None, data_root=Non
 
     diverged: list[Exception] = []
     deferred: list[TrainConfig] = []
-    for members in grouping.plan_groups(todo, group_size, dev):
-        if len(members) == 1:
-            try:
-                get_or_train(members[0], dev, data_root, progress, root, data_for(members[0]))
-            except NonFiniteLossError as err:
-                diverged.append(err)
-            continue
+    for members in plan_groups(todo, group_size, strategy):
         with contextlib.ExitStack() as held:
             claimed = []
             for config in members:
                 folder = run_dir(config, root)
                 folder.mkdir(parents=True, exist_ok=True)
                 try:
-                    held.enter_context(run_locks.claim(folder, "skip"))
-                except run_locks.RunLockedError:
+                    held.enter_context(locks.claim(folder, "skip"))
+                except locks.RunLockedError:
                     deferred.append(config)
                     continue
                 _check_stored_config(folder, config)
-                if is_finished(folder):
-                    continue
-                if not (folder / "config.json").is_file():
-                    atomic_write_text(folder / "config.json", json.dumps(config.to_dict(), indent=1))
-                (folder / FAILED).unlink(missing_ok=True)
-                _log_attempt(folder)
-                claimed.append(config)
+                if not is_finished(folder):
+                    _prepare(folder, config)
+                    claimed.append(config)
             if not claimed:
                 continue
             folders = [run_dir(c, root) for c in claimed]
-            group_data = data_for(claimed[0])
-            cache = caches.setdefault(id(group_data), {}) if teacher_cache else False
             try:
-                grouping.fit_group(claimed, folders, dev, data_root, progress, group_data, cache)
-            except grouping.GroupDivergedError as err:
+                engine.train(claimed, folders, data=data_for(claimed[0]), device=dev, data_root=data_root,
+                             strategy=strategy, teachers=load_teachers(claimed, dev, root), progress=progress)
+            except engine.MembersDivergedError as err:
                 for run_id, error in err.failures.items():
                     _mark_failed(run_dir(next(c for c in claimed if c.run_id() == run_id), root), error)
+                diverged.append(err)
+            except engine.NonFiniteLossError as err:  # a group of one
+                _mark_failed(folders[0], err)
                 diverged.append(err)
             except Exception as err:
                 for folder in folders:
@@ -269,7 +301,27 @@ def get_or_train_many(configs: Iterable[TrainConfig], device=None, data_root=Non
                         _mark_failed(folder, err)
                 raise
     for config in deferred:  # held by another worker: wait for it (or take over a dead worker's run)
-        get_or_train(config, dev, data_root, progress, root, data_for(config))
+        get_or_train(config, dev, data_root, progress, root, data_for(config), strategy=strategy)
     if diverged:
-        raise NonFiniteLossError(" | ".join(str(e) for e in diverged))
+        raise engine.NonFiniteLossError(" | ".join(str(e) for e in diverged))
     return [Run(run_dir(c, root), c) for c in configs]
+
+
+def main(argv=None) -> None:
+    """``python -m cdlib train CONFIG.json RUN_DIR``: train one run in RUN_DIR (workers and tests use it)."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m cdlib train", description=main.__doc__)
+    parser.add_argument("config")
+    parser.add_argument("run_dir")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--strategy", default=None, choices=engine.STRATEGIES)
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    config = TrainConfig.from_dict(json.loads(Path(args.config).read_text()))
+    engine.fit(config, args.run_dir, device=args.device, data_root=args.data_root, strategy=args.strategy,
+               teachers=load_teachers([config], args.device), progress=not args.quiet)
+
+
+if __name__ == "__main__":
+    main()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .config import TrainConfig
+from cdlib.core.config import TrainConfig
 
 PAPER_EPOCHS = 200  # the paper's baseline schedule; other profiles scale every schedule by epochs / 200
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from . import paths
+from cdlib import paths
 
 PAPER_STYLE = {
     "figure.dpi": 110,

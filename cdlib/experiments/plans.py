@@ -6,8 +6,8 @@ A student ``i`` distils from teacher ``i``.
 """
 from __future__ import annotations
 
-from .config import TrainConfig
-from .profiles import Profile
+from cdlib.core.config import TrainConfig
+from cdlib.experiments.profiles import Profile
 
 
 def baseline(profile: Profile, arch: str, seed: int, **changes) -> TrainConfig:

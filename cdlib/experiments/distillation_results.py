@@ -1,8 +1,8 @@
 """Results of knowledge distillation (notebook 02) and Confusion Distillation (notebook 05).
 
-Everything here reads finished runs from the run store (``cdlib.runs``) and turns
+Everything here reads finished runs from the run store (``cdlib.core.runs``) and turns
 them into tables, tests and claims; nothing trains. The configs come from
-``cdlib.plans``, so a table always shows exactly the runs a notebook trained:
+``cdlib.experiments.plans``, so a table always shows exactly the runs a notebook trained:
 
 - :func:`kd_table`: teacher / KD student / baseline accuracy (PAPER.md section 3);
 - :func:`table1_frame`: the paper's Table 1 schedule and weight sweep, ours beside the paper's;
@@ -10,7 +10,7 @@ them into tables, tests and claims; nothing trains. The configs come from
 - :func:`significance_table`: Welch's t-test of CD-300 and CD-200 against every other method;
 - :func:`leak_table`: CD-300 with the leak-free training-set source against the released
   code's test-set source (PAPER.md section 6), and :func:`test_source_messages`;
-- Figure 3's baseline-vs-CD Interaction Tensor comes from :func:`cdlib.feature_analysis.analyse_profile`;
+- Figure 3's baseline-vs-CD Interaction Tensor comes from :func:`cdlib.experiments.feature_analysis.analyse_profile`;
 - :func:`cd_claim`: claim 5 with its rule;
 - :func:`replay_cd_ema`: the EMA confusion matrix Q~ of a CD run after every epoch,
   rebuilt exactly from the run's stored per-epoch confusion counts.
@@ -30,12 +30,12 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from . import paper, plans, tables
-from . import runs as run_store
-from .claims import NOT_SUPPORTED, SUPPORTED, Claim
-from .config import TrainConfig
-from .objectives import EpochEnd, cd_ema_updates, cd_phase, make_objective
-from .profiles import Profile
+from cdlib.experiments import paper, plans, tables
+from cdlib.core import runs as run_store
+from cdlib.experiments.claims import NOT_SUPPORTED, SUPPORTED, Claim
+from cdlib.core.config import TrainConfig
+from cdlib.core.objectives import EpochEnd, cd_ema_updates, cd_phase, make_objective
+from cdlib.experiments.profiles import Profile
 
 # Display names of Table 2's methods (keys of plans.TABLE2_METHODS), in table order.
 METHOD_LABELS = {
@@ -306,9 +306,9 @@ def leak_table(profile: Profile, root=None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _fake_trainer(config: TrainConfig, num_classes: int) -> SimpleNamespace:
-    """What ``ConfusionDistillation.setup`` reads from a trainer: config, data.num_classes, device."""
-    return SimpleNamespace(config=config, data=SimpleNamespace(num_classes=num_classes), device=torch.device("cpu"))
+def _setup(objective, config: TrainConfig, num_classes: int) -> None:
+    """Set up an objective outside training: it needs the config and the labels' device only."""
+    objective.setup(config, torch.zeros(num_classes, dtype=torch.long), num_classes)
 
 
 def test_source_messages(num_classes: int = 100) -> dict[str, str]:
@@ -326,7 +326,7 @@ def test_source_messages(num_classes: int = 100) -> dict[str, str]:
     objective = make_objective("cd", args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        objective.setup(_fake_trainer(TrainConfig(epochs=sum(args["schedule"])), num_classes))
+        _setup(objective, TrainConfig(epochs=sum(args["schedule"])), num_classes)
     return {"refusal": refusal, "warning": "\n".join(str(w.message) for w in caught) or "(no warning)"}
 
 
@@ -353,7 +353,7 @@ def replay_cd_ema(run: run_store.Run, what: str = "ema") -> np.ndarray:
     C = int(run.summary["num_classes"])
     with warnings.catch_warnings():  # the test-source warning was shown when the run trained
         warnings.simplefilter("ignore")
-        objective.setup(_fake_trainer(config, C))
+        _setup(objective, config, C)
     train, test = run.confusions("train"), run.confusions("test")
     out = np.empty((config.epochs, C, C), dtype=np.float64)
     for epoch in range(config.epochs):
@@ -399,7 +399,7 @@ def cd_ema_frame(run: run_store.Run, ema: np.ndarray | None = None) -> pd.DataFr
 
 # ----------------------------------------------------------------------------- Figure 3
 
-# Figure 3 (baseline vs CD Interaction Tensor) is cdlib.feature_analysis.analyse_profile(P, ("baseline", "cd")).
+# Figure 3 (baseline vs CD Interaction Tensor) is cdlib.experiments.feature_analysis.analyse_profile(P, ("baseline", "cd")).
 
 
 # ----------------------------------------------------------------------------- (f) claim 5

@@ -1,10 +1,19 @@
-"""Training objectives: what the loop minimises.
+"""Training objectives: what the engine minimises, as functions of logits.
 
-An objective turns one augmented batch into a scalar loss. It may own state
-(PS-KD's table of past predictions, Confusion Distillation's EMA matrix), which
-goes into every checkpoint through ``state_dict``/``load_state_dict``, and it is
-told when an epoch ends. The training loop is the same for every method, so in a
-table two methods differ only in the objective.
+An objective turns the logits of one augmented batch into a scalar loss. The engine
+(``cdlib.core.engine``) runs every forward pass: the student's, and the extra ones an
+objective declares in ``extra_forwards``:
+
+    "teacher"  the KD teacher's logits of the same images -> ``batch.teacher_logits``
+    "partner"  the student's gradient-free train-mode logits of the images of
+               ``partners(labels, generator)`` (CS-KD)      -> ``batch.partner_logits``
+
+An objective may own state (PS-KD's table of past predictions, Confusion
+Distillation's EMA matrix), which goes into every checkpoint through
+``state_dict``/``load_state_dict``, and it is told when an epoch ends. The loop is the
+same for every method, so in a table two methods differ only in the objective. No
+objective loads networks or knows the run store: KD's ``teacher`` argument names a
+run, and the layer that knows runs hands the engine that network.
 
 Registered objectives (``TrainConfig.objective`` -> class):
 
@@ -18,10 +27,10 @@ Registered objectives (``TrainConfig.objective`` -> class):
 
 Definitions follow ``shared/reference/METHODS.md`` and PAPER.md section 6.
 
-The loop calls ``loss`` inside bf16 autocast on CUDA, so every loss here is
-computed from ``logits.float()``. ``loss`` is called exactly once per optimiser
-step (PS-KD writes its table in it) and returns the logits of ``batch.images``,
-from which the loop gathers the training confusion counts.
+The networks' heads compute in float32 (``cdlib.core.models``), and every loss here is
+computed from ``logits.float()``, so losses are float32 under bf16 autocast too.
+``loss`` is called exactly once per optimiser step (PS-KD writes its table in it);
+the engine gathers the training confusion counts from the same logits.
 
 To add a method: subclass :class:`Objective`, implement ``loss`` (and the hooks it
 needs), and register it in ``OBJECTIVES`` under the name used in
@@ -38,12 +47,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class Batch:
-    images: torch.Tensor   # (B, 3, H, W) float, augmented and normalised
-    labels: torch.Tensor   # (B,) int64
-    indices: torch.Tensor  # (B,) int64 positions in the training set
+from cdlib.core.data import Batch
 
 
 @dataclass
@@ -58,13 +62,18 @@ class Objective:
     """Base class. ``setup`` runs once before training and before a resume loads state."""
 
     name = "base"
+    extra_forwards: tuple[str, ...] = ()  # "teacher" and/or "partner", see the module doc
 
-    def setup(self, trainer) -> None:
-        """``trainer`` gives access to ``config``, ``model``, ``data``, ``device`` and
-        ``generator`` (reseeded at every epoch start: draw all randomness from it)."""
+    def setup(self, config, train_labels: torch.Tensor, num_classes: int) -> None:
+        """``config``: the run's TrainConfig; ``train_labels`` on the training device."""
 
-    def loss(self, model, batch: Batch, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(scalar loss, logits of batch.images)``."""
+    def partners(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Training indices whose augmented images the engine forwards for ``"partner"``;
+        draw from ``generator`` (the run's, reseeded at every epoch start)."""
+        raise NotImplementedError
+
+    def loss(self, logits: torch.Tensor, batch: Batch, epoch: int) -> torch.Tensor:
+        """The scalar loss of ``logits`` (the student's, of ``batch.images``)."""
         raise NotImplementedError
 
     def end_epoch(self, info: EpochEnd) -> None:
@@ -116,9 +125,8 @@ def smoothing_matrix(num_classes: int, eps: float, device=None) -> torch.Tensor:
 class CrossEntropy(Objective):
     name = "ce"
 
-    def loss(self, model, batch, epoch):
-        logits = model(batch.images)
-        return cross_entropy(logits, batch.labels), logits
+    def loss(self, logits, batch, epoch):
+        return cross_entropy(logits, batch.labels)
 
 
 class LabelSmoothing(Objective):
@@ -133,9 +141,8 @@ class LabelSmoothing(Objective):
     def __init__(self, eps: float = 0.1):
         self.eps = eps
 
-    def loss(self, model, batch, epoch):
-        logits = model(batch.images)
-        return F.cross_entropy(logits.float(), batch.labels, label_smoothing=self.eps), logits
+    def loss(self, logits, batch, epoch):
+        return F.cross_entropy(logits.float(), batch.labels, label_smoothing=self.eps)
 
 
 # ---------------------------------------------------------------- teacher-based
@@ -143,31 +150,23 @@ class LabelSmoothing(Objective):
 class KnowledgeDistillation(Objective):
     """Hinton KD: ``w_ce * CE + w_kd * T^2 * KL(softmax(z_t/T) || softmax(z_s/T))``.
 
-    ``teacher`` names a run in the run store; it is loaded in ``setup``, frozen,
-    kept in eval mode and run without gradient on the same augmented batch as the
-    student. Defaults are the paper's preset (PAPER.md section 3): T = 2,
+    ``teacher`` names a run in the run store; the engine runs that network (frozen, in
+    eval mode, without gradient) on the same augmented batch as the student and
+    passes its logits as ``batch.teacher_logits``. Defaults are the paper's preset (PAPER.md section 3): T = 2,
     w_kd = 0.85, w_ce = 0.15 (KD benchmarks use 0.9 / 0.1 / T = 4). Tf-KD_self is
     this objective with a teacher of the student's own architecture.
     """
 
     name = "kd"
+    extra_forwards = ("teacher",)
 
     def __init__(self, teacher: str, T: float = 2.0, w_kd: float = 0.85, w_ce: float = 0.15):
-        self.teacher_run = teacher
+        self.teacher = teacher
         self.T, self.w_kd, self.w_ce = T, w_kd, w_ce
-        self.teacher: torch.nn.Module | None = None
 
-    def setup(self, trainer):
-        # Imported here so that objectives without a teacher never touch the run store.
-        from cdlib.runs import load_model
-        self.teacher = load_model(self.teacher_run, trainer.device).eval().requires_grad_(False)
-
-    def loss(self, model, batch, epoch):
-        logits = model(batch.images)
-        with torch.no_grad():
-            target = F.softmax(self.teacher(batch.images).float() / self.T, dim=1)
-        loss = self.w_ce * cross_entropy(logits, batch.labels) + self.w_kd * soft_loss(target, logits, self.T)
-        return loss, logits
+    def loss(self, logits, batch, epoch):
+        target = F.softmax(batch.teacher_logits.detach().float() / self.T, dim=1)
+        return self.w_ce * cross_entropy(logits, batch.labels) + self.w_kd * soft_loss(target, logits, self.T)
 
 
 class TfKDReg(Objective):
@@ -190,14 +189,12 @@ class TfKDReg(Objective):
     def __init__(self, T: float = 20.0, a: float = 0.1, correct_prob: float = 0.99):
         self.T, self.a, self.correct_prob = T, a, correct_prob
 
-    def loss(self, model, batch, epoch):
-        logits = model(batch.images)
+    def loss(self, logits, batch, epoch):
         K = logits.shape[1]
         p_d = torch.full(logits.shape, (1 - self.correct_prob) / (K - 1), device=logits.device)
         p_d[torch.arange(len(batch.labels), device=logits.device), batch.labels] = self.correct_prob
         target = F.softmax(p_d / self.T, dim=1)
-        loss = (1 - self.a) * cross_entropy(logits, batch.labels) + self.a * soft_loss(target, logits)
-        return loss, logits
+        return (1 - self.a) * cross_entropy(logits, batch.labels) + self.a * soft_loss(target, logits)
 
 
 # ---------------------------------------------------------------- self-distillation
@@ -209,40 +206,34 @@ class CSKD(Objective):
     the anchor's class (the anchor itself included) and augmented independently;
     z(x') is computed without gradient. As in the official code, the anchors and
     the partners go through the network in two separate train-mode forward
-    passes, anchors first, so BatchNorm normalises each half with its own
-    statistics and its running statistics are updated twice per step. The loop's
+    passes, anchors first (the engine's order), so BatchNorm normalises each half
+    with its own statistics and its running statistics are updated twice per step. The loop's
     batch size counts anchors only, so a step costs 1.5x a CE step (an extra
     forward). Defaults are the CIFAR-100 constants T = 4, lam = 1.
     """
 
     name = "cskd"
+    extra_forwards = ("partner",)
 
     def __init__(self, T: float = 4.0, lam: float = 1.0):
         self.T, self.lam = T, lam
 
-    def setup(self, trainer):
+    def setup(self, config, train_labels, num_classes):
         # Training indices sorted by class: class k owns order[start[k] : start[k] + size[k]],
         # so drawing a same-class partner is one vectorised gather.
-        labels = trainer.data.train_labels
-        self.order = torch.argsort(labels, stable=True)
-        self.size = torch.bincount(labels, minlength=trainer.data.num_classes)
+        self.order = torch.argsort(train_labels, stable=True)
+        self.size = torch.bincount(train_labels, minlength=num_classes)
         self.start = torch.cumsum(self.size, 0) - self.size
-        self.trainer = trainer  # the loop reseeds trainer.generator every epoch; read it at use
 
-    def sample_pairs(self, labels: torch.Tensor) -> torch.Tensor:
+    def partners(self, labels, generator):
         """Training indices of one uniformly drawn same-class partner per label."""
-        generator = self.trainer.generator
         # Modulo a 62-bit draw: the bias is below 1e-13 for any class size.
         draw = torch.randint(0, 2 ** 62, labels.shape, generator=generator, device=generator.device)
         return self.order[self.start[labels] + draw % self.size[labels]]
 
-    def loss(self, model, batch, epoch):
-        logits = model(batch.images)
-        partners = self.trainer.data.augment(self.sample_pairs(batch.labels), self.trainer.generator)
-        with torch.no_grad():
-            target = F.softmax(model(partners).float() / self.T, dim=1)
-        loss = cross_entropy(logits, batch.labels) + self.lam * soft_loss(target, logits, self.T)
-        return loss, logits
+    def loss(self, logits, batch, epoch):
+        target = F.softmax(batch.partner_logits.detach().float() / self.T, dim=1)
+        return cross_entropy(logits, batch.labels) + self.lam * soft_loss(target, logits, self.T)
 
 
 class PSKD(Objective):
@@ -261,10 +252,10 @@ class PSKD(Objective):
     def __init__(self, alpha_T: float = 0.8):
         self.alpha_T = alpha_T
 
-    def setup(self, trainer):
-        self.epochs = trainer.config.epochs
-        self.num_classes = trainer.data.num_classes
-        self.predictions = F.one_hot(trainer.data.train_labels, self.num_classes).float()
+    def setup(self, config, train_labels, num_classes):
+        self.epochs = config.epochs
+        self.num_classes = num_classes
+        self.predictions = F.one_hot(train_labels, num_classes).float()
 
     def alpha(self, epoch: int) -> float:
         return self.alpha_T * (epoch + 1) / self.epochs
@@ -273,14 +264,13 @@ class PSKD(Objective):
         a = self.alpha(epoch)
         return (1 - a) * F.one_hot(labels, self.num_classes).float() + a * self.predictions[indices]
 
-    def loss(self, model, batch, epoch):
+    def loss(self, logits, batch, epoch):
         target = self.targets(batch.labels, batch.indices, epoch)
-        logits = model(batch.images)
         loss = soft_loss(target, logits, kl=False)
         # Stored now rather than after the optimiser step: the same detached
         # prediction, read only at the sample's next visit.
         self.predictions[batch.indices] = F.softmax(logits.detach().float(), dim=1)
-        return loss, logits
+        return loss
 
     def state_dict(self):
         return {"predictions": self.predictions}
@@ -385,25 +375,25 @@ class ConfusionDistillation(Objective):
         self.source, self.targets = source, targets
         self.T, self.w_soft, self.w_ce, self.mu, self.eps = T, w_soft, w_ce, mu, eps
 
-    def setup(self, trainer):
-        if sum(self.schedule) != trainer.config.epochs:
+    def setup(self, config, train_labels, num_classes):
+        if sum(self.schedule) != config.epochs:
             raise ValueError(f"CD schedule {self.schedule} covers {sum(self.schedule)} epochs, "
-                             f"the run has {trainer.config.epochs}")
+                             f"the run has {config.epochs}")
         if self.source == "test":
             warnings.warn("Confusion Distillation with source='test': the EMA targets are built from "
                           "test-set predictions and labels (test labels leak into training), as in the "
                           "released code. Test accuracy of this run is not a held-out measurement.",
                           stacklevel=2)
-        C = trainer.data.num_classes
-        self.ema = smoothing_matrix(C, self.eps, trainer.device)
+        C, device = num_classes, train_labels.device
+        self.ema = smoothing_matrix(C, self.eps, device)
         self.updates = 0       # EMA updates applied so far
         self.epochs_seen = 0   # end_epoch calls so far = the next epoch to end
         if self.targets == "shuffled":
             # Column indices j != k of each row k, and a fixed permutation of them per row.
             columns = torch.arange(C).repeat(C, 1)[~torch.eye(C, dtype=torch.bool)].view(C, C - 1)
-            self.off_diagonal = columns.to(trainer.device)
-            generator = torch.Generator().manual_seed(trainer.config.seed)
-            self.shuffle = torch.rand(C, C - 1, generator=generator).argsort(1).to(trainer.device)
+            self.off_diagonal = columns.to(device)
+            generator = torch.Generator().manual_seed(config.seed)
+            self.shuffle = torch.rand(C, C - 1, generator=generator).argsort(1).to(device)
         self._refresh_targets()
 
     def phase(self, epoch: int) -> str:
@@ -425,13 +415,12 @@ class ConfusionDistillation(Objective):
         # Kept in float32 for the loss; recomputed only when Q~ changes.
         self._targets = self.target_matrix().float()
 
-    def loss(self, model, batch, epoch):
-        logits = model(batch.images)
+    def loss(self, logits, batch, epoch):
         ce = cross_entropy(logits, batch.labels)
         if self.phase(epoch) == "hard":
-            return ce, logits
+            return ce
         soft = soft_loss(self._targets[batch.labels], logits, self.T)
-        return self.w_soft * soft + self.w_ce * ce, logits
+        return self.w_soft * soft + self.w_ce * ce
 
     def end_epoch(self, info):
         if info.epoch != self.epochs_seen:

@@ -1,7 +1,7 @@
 """The paper's five claims (PAPER.md section 1) and how a measured verdict is recorded.
 
 Each analysis module turns its measurements into :class:`Claim` objects; notebooks show
-them as a table and ``cdlib.report`` collects them into ``outputs/REPORT.md``. A verdict
+them as a table and ``cdlib.experiments.report`` collects them into ``outputs/REPORT.md``. A verdict
 is always computed from this run's numbers by a rule stated in ``rule``, never typed in.
 """
 from __future__ import annotations

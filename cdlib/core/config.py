@@ -23,7 +23,7 @@ class TrainConfig:
     # network
     arch: str = "resnet18"
     width: float = 1.0                # channel multiplier; < 1 for tiny smoke/test networks
-    # objective (cdlib.objectives)
+    # objective (cdlib.core.objectives)
     objective: str = "ce"
     objective_args: dict = field(default_factory=dict)
     # optimisation

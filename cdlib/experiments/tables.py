@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from . import paths
+from cdlib import paths
 
 ACCURACY_COLUMNS = ("final_top1", "best_top1", "final_top5", "best_top5")
 

@@ -7,8 +7,8 @@
 
 Every function takes plain per-group arrays keyed by group name (in legend order),
 so any grouping can be plotted: ``{s.name: s.frequency for s in stats}`` for a list
-of :class:`cdlib.interaction.GroupStatistics`. Each returns the figure and, given a
-``name``, also saves it through :func:`cdlib.figures.save_figure`.
+of :class:`cdlib.core.interaction.GroupStatistics`. Each returns the figure and, given a
+``name``, also saves it through :func:`cdlib.experiments.figures.save_figure`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.colors import LinearSegmentedColormap
 from scipy.ndimage import gaussian_filter
 
-from .figures import GROUP_COLORS, save_figure
+from cdlib.experiments.figures import GROUP_COLORS, save_figure
 
 SINGLE_PANEL = (3.4, 2.5)  # inches: one column of a two-column paper
 

@@ -3,7 +3,7 @@
 :func:`plot_cd_ema` shows what a CD run distils from: its EMA confusion matrix Q~
 (``distillation_results.replay_cd_ema``) as heatmaps at the end of each hard/soft
 phase, and the off-diagonal mass of Q~ per epoch with the soft phases shaded.
-Figure 3a/3b (baseline vs CD feature usage) use ``cdlib.interaction_figures``.
+Figure 3a/3b (baseline vs CD feature usage) use ``cdlib.experiments.interaction_figures``.
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import numpy as np
 from matplotlib.colors import PowerNorm
 from matplotlib.patches import Patch
 
-from . import confusion
-from . import distillation_results as results
-from .distillation_results import offdiagonal_mass
-from .figures import GROUP_COLORS, save_figure
+from cdlib.core import confusion
+from cdlib.experiments import distillation_results as results
+from cdlib.experiments.distillation_results import offdiagonal_mass
+from cdlib.experiments.figures import GROUP_COLORS, save_figure
 
 SOFT_COLOR = "#f2e6c9"   # shading of soft phases
 
@@ -161,7 +161,7 @@ KD_GROUP_COLORS = {"teacher": GROUP_COLORS["teacher"], "KD student": GROUP_COLOR
 def plot_kd_learning_curves(metrics, name: str | None = None, folder=None):
     """``figures.plot_learning_curves`` of ``distillation_results.kd_metrics`` (by ``group``), in the
     project's group colours (teacher green, student red, baseline blue), one legend below both panels."""
-    from .figures import plot_learning_curves
+    from cdlib.experiments.figures import plot_learning_curves
     fig = plot_learning_curves(metrics, by="group")
     groups = list(dict.fromkeys(metrics["group"]))
     for ax in fig.axes:

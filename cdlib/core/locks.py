@@ -63,7 +63,7 @@ def _pid_namespace() -> str:
         return ""
 
 
-# Set by a cluster task that trains exactly one run (cdlib.executors.TrainTask) to its job id, which a
+# Set by a cluster task that trains exactly one run (cdlib.scaleout.executors.TrainTask) to its job id, which a
 # requeued job keeps. Not read from SLURM_JOB_ID directly: several local workers inside one
 # allocation share that id and must not mistake each other for an earlier incarnation.
 JOB_KEY = ""

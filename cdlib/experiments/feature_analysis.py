@@ -3,7 +3,7 @@
 :func:`analyse_profile` loads the feature-analysis baselines, the KD students and
 their teachers of a profile (``plans.feature_baselines / kd_students / teachers``),
 runs every network on the un-augmented test images, builds one Interaction Tensor
-over all of them (:mod:`cdlib.interaction`) and summarises each group of models,
+over all of them (:mod:`cdlib.core.interaction`) and summarises each group of models,
 with each image's confidence taken from the runs' stored test logits. The result is
 a :class:`FeatureAnalysis`; :func:`measures_table` and :func:`interaction_claims`
 turn it into the numbers behind claims 1-3 and verdicts by stated rules.
@@ -22,14 +22,15 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from . import plans, runs
-from .claims import NOT_SUPPORTED, SUPPORTED, Claim, not_measured
-from .data import DeviceData, load_dataset
-from .confusion import softmax
-from .train import resolve_device
-from .interaction import (PAPER_KD_SUMMARY, GroupStatistics, InteractionTensor, build_interaction_tensor,
+from cdlib.experiments import plans
+from cdlib.core import runs
+from cdlib.experiments.claims import NOT_SUPPORTED, SUPPORTED, Claim, not_measured
+from cdlib.core.data import DeviceData, load_dataset
+from cdlib.core.confusion import softmax
+from cdlib.core.util import resolve_device
+from cdlib.core.interaction import (PAPER_KD_SUMMARY, GroupStatistics, InteractionTensor, build_interaction_tensor,
                           group_statistics, iter_activations, summary_table)
-from .profiles import Profile
+from cdlib.experiments.profiles import Profile
 
 KD_GROUPS = ("baseline", "student", "teacher")
 
@@ -107,7 +108,7 @@ class FeatureAnalysis:
         return list(self.groups.values())
 
     def summary_table(self) -> pd.DataFrame:
-        """The paper's Section 3 statistics, paper column beside ours (:func:`cdlib.interaction.summary_table`)."""
+        """The paper's Section 3 statistics, paper column beside ours (:func:`cdlib.core.interaction.summary_table`)."""
         return summary_table(self.statistics())
 
     def tensor_table(self) -> pd.DataFrame:
@@ -131,7 +132,7 @@ class FeatureAnalysis:
                 f"N = {t.n_images} test images, {t.layer} layer, K = {t.n_components}, "
                 f"gamma at the {t.corr_percentile:g}th percentile, T = {t.n_clusters}")
 
-    # Per-group arrays keyed by group name, as cdlib.interaction_figures takes them.
+    # Per-group arrays keyed by group name, as cdlib.experiments.interaction_figures takes them.
     def frequencies(self) -> dict[str, np.ndarray]:
         return {g: s.frequency for g, s in self.groups.items()}
 
@@ -161,7 +162,7 @@ def analyse_runs(
     in the given order. ``images``: the normalised test images (N, 3, H, W), ideally
     already on ``device``; ``labels`` their classes. Models are loaded one at a time
     and run in batches of ``batch_size`` on ``device`` (default CUDA when available);
-    ``tensor_options`` go to :func:`cdlib.interaction.build_interaction_tensor`
+    ``tensor_options`` go to :func:`cdlib.core.interaction.build_interaction_tensor`
     (``n_components``, ``centered``, ``corr_percentile``, ``presence_percentile``).
     """
     device = resolve_device(device)

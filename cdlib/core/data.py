@@ -26,8 +26,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import paths
-from .objectives import Batch
+from cdlib import paths
+
+
+@dataclass
+class Batch:
+    """One training batch. The engine fills the logits an objective asks for (``extra_forwards``)."""
+    images: torch.Tensor   # (B, 3, H, W) float, augmented and normalised
+    labels: torch.Tensor   # (B,) int64
+    indices: torch.Tensor  # (B,) int64 positions in the training set
+    teacher_logits: torch.Tensor | None = None  # KD: the teacher's logits of ``images``
+    partner_logits: torch.Tensor | None = None  # CS-KD: gradient-free logits of the partners' images
 
 
 class DataError(RuntimeError):
@@ -283,7 +292,15 @@ class DeviceData:
         return (images_uint8.float() / 255 - self.mean) / self.std
 
     def augment(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Augmented, normalised float images of the given training indices."""
+        """Augmented, normalised float32 images of the given training indices.
+
+        Autocast is switched off here: in bf16, ``affine_grid`` moves rotated pixels by
+        up to ~0.2 px, so the images would depend on whether the caller was in autocast.
+        """
+        with torch.autocast(self.device.type, enabled=False):
+            return self._augment(indices, generator)
+
+    def _augment(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = self.train_images[indices].float() / 255
         B, _, H, W = x.shape
         p = self.pad

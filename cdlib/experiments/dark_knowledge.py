@@ -30,9 +30,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import claims, confusion, paths, plans, runs
-from .config import TrainConfig
-from .profiles import Profile
+from cdlib.experiments import claims, plans
+from cdlib.core import confusion, runs
+from cdlib import paths
+from cdlib.core.config import TrainConfig
+from cdlib.experiments.profiles import Profile
 
 # What the notebook writes (names under outputs/figures and outputs/tables).
 FIGURES = {
@@ -235,7 +237,7 @@ def analyse(profile: Profile, data_root=None, data=None, root: Path | None = Non
     """Section 5 for ``profile`` from finished runs of the run store (``root``: default
     ``paths.runs()``); raises :class:`MissingRunsError` when baselines or teachers are missing.
 
-    ``data`` is the loaded :class:`cdlib.data.Dataset` (only its test labels and class names
+    ``data`` is the loaded :class:`cdlib.core.data.Dataset` (only its test labels and class names
     are used); by default it is loaded from ``data_root``. ``over_epochs = False`` skips the
     curves; ``max_epoch_points`` evaluates at most that many evenly spaced epochs per run
     (the last one always included).
@@ -250,7 +252,7 @@ def analyse(profile: Profile, data_root=None, data=None, root: Path | None = Non
     if n == 0:
         raise MissingRunsError(f"profile {profile.name} plans no baselines or teachers")
     if data is None:
-        from .data import load_dataset
+        from cdlib.core.data import load_dataset
         data = load_dataset(profile.dataset, data_root)
     labels = np.asarray(data.test_labels)
     for run in baselines[:n] + teachers:
@@ -379,13 +381,13 @@ def claim_frame(result: DarkKnowledgeResult) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------
-# Figures of notebook 04 (thin wrappers of cdlib.confusion_figures)
+# Figures of notebook 04 (thin wrappers of cdlib.experiments.confusion_figures)
 
 
 def plot_heatmaps(result: DarkKnowledgeResult, name: str | None = FIGURES["heatmaps"]):
     """Teacher M, baseline Q and (when there is one) the second teacher's M of pair 0, classes
     ordered by super-class (by label when the data set has none)."""
-    from . import confusion_figures as cfig
+    from cdlib.experiments import confusion_figures as cfig
     keys = [k for k in ("teacher M", "baseline Q", "teacher' M") if k in result.matrices]
     return cfig.plot_confusion_heatmaps({k: result.matrices[k] for k in keys}, result.superclass_of,
                                         result.superclasses, name=name)
@@ -393,7 +395,7 @@ def plot_heatmaps(result: DarkKnowledgeResult, name: str | None = FIGURES["heatm
 
 def plot_null(result: DarkKnowledgeResult, name: str | None = FIGURES["null"]):
     """Pair 0: the shuffled-Q null distribution of each measure, the observed value, the ceiling."""
-    from . import confusion_figures as cfig
+    from cdlib.experiments import confusion_figures as cfig
     ceiling = result.comparison(CEILING_M)
     return cfig.plot_shuffled_control(result.null, result.comparison(BASELINE).iloc[0],
                                       ceiling.iloc[0] if len(ceiling) else None, name=name)
@@ -401,8 +403,8 @@ def plot_null(result: DarkKnowledgeResult, name: str | None = FIGURES["null"]):
 
 def plot_spectra(result: DarkKnowledgeResult, name: str | None = FIGURES["spectra"]):
     """Normalised off-diagonal spectra of pair 0's matrices (teachers green, baseline blue)."""
-    from . import confusion_figures as cfig
-    from .figures import GROUP_COLORS as colors
+    from cdlib.experiments import confusion_figures as cfig
+    from cdlib.experiments.figures import GROUP_COLORS as colors
     styles = {"teacher M": dict(color=colors["teacher"]), "teacher' M": dict(color=colors["teacher"], ls="--"),
               "baseline Q": dict(color=colors["baseline"]),
               "shuffled baseline Q": dict(color=colors["baseline"], ls=":")}
@@ -412,7 +414,7 @@ def plot_spectra(result: DarkKnowledgeResult, name: str | None = FIGURES["spectr
 
 def plot_epochs(result: DarkKnowledgeResult, name: str | None = FIGURES["epochs"]):
     """The paper's three measures over training epochs per model group, against the shuffled control."""
-    from . import confusion_figures as cfig
+    from cdlib.experiments import confusion_figures as cfig
     s = result.summary().set_index("measure")
     control = {m: (s.loc[m, "shuffled mean"], s.loc[m, "shuffled std"]) for m in confusion.MEASURES}
     return cfig.plot_similarity_curves(result.epochs, control=control, name=name)

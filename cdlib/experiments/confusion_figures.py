@@ -1,7 +1,7 @@
-"""Figures of the confusion analysis (``cdlib.confusion``).
+"""Figures of the confusion analysis (``cdlib.core.confusion``).
 
 Each function returns its figure and, when ``name`` is given, also saves it as
-PNG and PDF through :func:`cdlib.figures.save_figure`.
+PNG and PDF through :func:`cdlib.experiments.figures.save_figure`.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import PowerNorm
 
-from . import confusion
-from .figures import GROUP_COLORS, save_figure
+from cdlib.core import confusion
+from cdlib.experiments.figures import GROUP_COLORS, save_figure
 
 
 def _color(name: str, i: int) -> str:

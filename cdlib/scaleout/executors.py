@@ -1,7 +1,7 @@
 """Train a plan (a list of run configs) in this process, on the local GPUs, or on Slurm.
 
 The unit of work is one run, trained by ``get_or_train`` on one device: the run store's
-locks (``cdlib.locks``) make this safe from any number of workers, and its checkpoints make
+locks (``cdlib.core.locks``) make this safe from any number of workers, and its checkpoints make
 a killed or preempted run cost at most the epochs since its last checkpoint. So every
 executor only has to start runs and watch them:
 
@@ -16,8 +16,8 @@ until its teacher (``objective_args["teacher"]``, a run id) is finished, waits f
 another live worker holds, retries runs whose worker crashed (they resume), and reports each
 failure with its cause while the other runs go on. Command line::
 
-    python -m cdlib.executors run PLAN.json --executor local --gpus 0,1   # PLAN.json: cdlib.plan --json
-    python -m cdlib.executors train CONFIG.json --result OUT.json         # one run (what a local slot runs)
+    python -m cdlib executors run PLAN.json --executor local --gpus 0,1   # PLAN.json: cdlib.scaleout.plan --json
+    python -m cdlib executors train CONFIG.json --result OUT.json         # one run (what a local slot runs)
 """
 from __future__ import annotations
 
@@ -32,10 +32,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import locks, paths, runs
-from .config import TrainConfig
-from .plans import unique
-from .train import atomic_write_text
+from cdlib.core import locks, runs
+from cdlib import paths
+from cdlib.core.config import TrainConfig
+from cdlib.experiments.plans import unique
+from cdlib.core.util import atomic_write_text
 
 # What to do, for errors whose message names the problem but not always the fix.
 HINTS = {
@@ -157,7 +158,7 @@ class LocalGPUs:
             config_path, result, log = (self.folder / f"{name}{ext}" for ext in (".json", ".result.json", ".log"))
             config_path.write_text(json.dumps(config.to_dict()))
             result.unlink(missing_ok=True)
-            cmd = [sys.executable, "-m", "cdlib.executors", "train", str(config_path), "--result", str(result),
+            cmd = [sys.executable, "-m", "cdlib", "executors", "train", str(config_path), "--result", str(result),
                    "--device", self.slots[slot]["device"]]
             if self.data_root:
                 cmd += ["--data-root", str(self.data_root)]
@@ -411,7 +412,7 @@ def _blocked_by(teacher: str | None, report: Report, in_plan: set) -> str | None
 # ----------------------------------------------------------------------------- command line
 
 def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options shared by ``cdlib.pipeline`` and ``python -m cdlib.executors run``."""
+    """The options shared by ``cdlib.experiments.pipeline`` and ``python -m cdlib executors run``."""
     g = parser.add_argument_group("executors (how runs are trained)")
     g.add_argument("--executor", choices=["inprocess", "local", "slurm"], default="inprocess",
                    help="inprocess: one after another here; local: one process per GPU slot; slurm: submitit jobs")
@@ -441,13 +442,13 @@ def executor_from_args(args, data_root=None, device=None):
 
 
 def load_plan(path: Path) -> list[TrainConfig]:
-    """Configs of a plan file: the output of ``python -m cdlib.plan --json`` or a list of config dicts."""
+    """Configs of a plan file: the output of ``python -m cdlib plan --json`` or a list of config dicts."""
     items = json.loads(Path(path).read_text())
     return [TrainConfig.from_dict(item.get("config", item)) for item in items]
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cdlib.executors", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m cdlib executors", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train every run of a plan file")
     run.add_argument("plan", type=Path)

@@ -1,4 +1,4 @@
-"""Execute the notebooks in order with papermill: ``python -m cdlib.pipeline [--profile P] [--only 01,03]``.
+"""Execute the notebooks in order with papermill: ``python -m cdlib pipeline [--profile P] [--only 01,03]``.
 
 Each notebook gets the same parameters (profile, data set, data root, device) and
 is written, executed, to ``outputs/notebooks/``. The pipeline stops at the first
@@ -7,7 +7,7 @@ cached in the run store, so rerunning after a failure or an interruption only
 redoes what is missing.
 
 ``--executor local|slurm`` first trains the plans of the selected notebooks
-(``cdlib.plan``) on the local GPUs or as Slurm jobs (``cdlib.executors``), waits for
+(``cdlib.scaleout.plan``) on the local GPUs or as Slurm jobs (``cdlib.scaleout.executors``), waits for
 them, and then executes the notebooks, which find every run finished and only
 analyse. The default, ``inprocess``, just runs the notebooks (they train as they go).
 See docs/scale-out.md.
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import paths
+from cdlib import paths
 
 
 def notebooks(only: list[str] | None = None) -> list[Path]:
@@ -45,9 +45,9 @@ def run_notebook(notebook: Path, parameters: dict, kernel: str | None = None) ->
 
 def train_plans(args, numbers: list[str]) -> bool:
     """Train every run the selected notebooks need with the chosen executor; False if any failed."""
-    from .executors import execute, executor_from_args
-    from .plan import available_notebooks, combined_plan
-    from .profiles import get_profile
+    from cdlib.scaleout.executors import execute, executor_from_args
+    from cdlib.scaleout.plan import available_notebooks, combined_plan
+    from cdlib.experiments.profiles import get_profile
 
     profile = get_profile(args.profile, args.dataset, announce=False)
     planned = [n for n in numbers if n in available_notebooks(profile)]
@@ -69,13 +69,13 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:1 (default: cuda if available)")
     parser.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
     parser.add_argument("--train-only", action="store_true", help="train the notebooks' plans, execute no notebook")
-    from .executors import add_executor_arguments
+    from cdlib.scaleout.executors import add_executor_arguments
     add_executor_arguments(parser)
     args = parser.parse_args(argv)
 
     from papermill.exceptions import PapermillExecutionError
 
-    from .profiles import get_profile
+    from cdlib.experiments.profiles import get_profile
     profile = get_profile(args.profile, args.dataset).name  # announces what 'auto' chose
     parameters = {"profile": profile, "dataset": args.dataset, "data_root": args.data_root, "device": args.device}
     selected = notebooks(args.only.split(",") if args.only else None)

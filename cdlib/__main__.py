@@ -1,0 +1,33 @@
+"""``python -m cdlib COMMAND ...``: the command-line tools.
+
+    pipeline   run notebooks 01..05 in order with papermill (cdlib.experiments.pipeline)
+    report     rewrite outputs/REPORT.md from the run store   (cdlib.experiments.report)
+    plan       list the runs a notebook trains                 (cdlib.scaleout.plan)
+    estimate   how long a profile's training takes here        (cdlib.scaleout.estimate)
+    executors  run a plan's runs on local GPUs or Slurm         (cdlib.scaleout.executors)
+    train      train one run in a given folder                 (cdlib.core.runs)
+"""
+import importlib
+import sys
+
+COMMANDS = {
+    "pipeline": "cdlib.experiments.pipeline",
+    "report": "cdlib.experiments.report",
+    "plan": "cdlib.scaleout.plan",
+    "estimate": "cdlib.scaleout.estimate",
+    "executors": "cdlib.scaleout.executors",
+    "train": "cdlib.core.runs",
+}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    result = importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,576 @@
+"""The training engine: one loop that trains N >= 1 runs of one recipe.
+
+``train(configs, run_dirs, data=...)`` reads top to bottom: build each run (a
+``Member``: network, SGD, generator, objective, per-epoch confusions), resume it from
+its run folder's checkpoint, then per epoch train, evaluate, let each objective update
+its state, append a line to each ``metrics.jsonl`` and write each checkpoint
+atomically; at the end write the final artefacts. ``fit(config, run_dir)`` is N = 1.
+
+The engine runs every forward pass (objectives score logits, ``cdlib.core.objectives``):
+the student's, CS-KD's gradient-free partner pass and the KD teacher's. How the members
+execute is one switch, ``strategy``:
+
+    eager     one member at a time, each its own network and optimiser
+    compiled  the same with each network's forward under ``torch.compile`` (CUDA
+              graphs on CUDA); falls back to eager, with a warning, if compiling fails
+    fused     all members as one network of grouped convolutions (``cdlib.core.fused``)
+
+Each member keeps its own seed (its initialisation is ``build_model`` under
+``torch.manual_seed(seed)``), its generator reseeded from (seed, epoch) at every epoch
+start (shuffling, augmentation, objective draws), its BatchNorm statistics, its
+objective state and its run folder, so every strategy gives each member the result of
+training it alone, to float rounding (``tests/test_engine.py``), and a run killed
+anywhere resumes from its last checkpoint to the weights of an uninterrupted one.
+
+On CUDA the step runs under bf16 autocast with channels_last and fused SGD (float32
+master weights); augmentation and the networks' heads stay float32. Metrics
+accumulate on the device: the host synchronises once per epoch and every
+``SYNC_EVERY`` steps to check for a non-finite loss. What is exact where: on the CPU a
+resume is bitwise; on CUDA it is bitwise only with ``deterministic=True`` (deterministic
+cuDNN algorithms, no autotuning), otherwise equal to cuDNN's run-to-run noise.
+A checkpoint resumes only on the device type that wrote it (generators, optimiser
+flags and memory layouts differ between devices).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import pickle
+import time
+import warnings
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cdlib.core import fused
+from cdlib.core.config import TrainConfig
+from cdlib.core.data import Batch, DeviceData, load_dataset
+from cdlib.core.models import build_model
+from cdlib.core.objectives import EpochEnd, make_objective
+from cdlib.core.util import add_counts, atomic_save, atomic_write_text, progress, resolve_device
+
+CHECKPOINT = "checkpoint.pt"
+SYNC_EVERY = 100  # steps between host checks for a non-finite loss
+STRATEGIES = ("eager", "compiled", "fused")
+# Fields in which runs trained together may differ; everything else is the shared recipe.
+VARYING_FIELDS = ("name", "seed", "objective_args")
+
+
+def default_strategy(device=None) -> str:
+    """``eager`` everywhere: no GPU measurement has shown another strategy faster yet
+    (docs/BENCHMARKS.md; ``benchmarks/gpu_check.py`` measures them)."""
+    return "eager"
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+class MembersDivergedError(NonFiniteLossError):
+    """Some runs' losses turned non-finite; the others finished. ``failures``: run id -> error."""
+
+    def __init__(self, message: str, failures: dict[str, NonFiniteLossError]):
+        super().__init__(message)
+        self.failures = failures
+
+
+def learning_rate(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Learning rate at optimisation step ``step`` (0-based): linear warm-up, then multistep or cosine."""
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    if step < warmup_steps:
+        return config.lr * (step + 1) / warmup_steps
+    if config.schedule == "cosine":
+        total = config.epochs * steps_per_epoch
+        progress_ = (step - warmup_steps) / max(1, total - warmup_steps)
+        return 0.5 * config.lr * (1 + math.cos(math.pi * progress_))
+    epoch = step // steps_per_epoch
+    return config.lr * config.gamma ** sum(epoch >= m for m in config.milestone_epochs())
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919 + 17) % (2**63)
+
+
+def recipe_key(config: TrainConfig) -> str:
+    """Configs with equal keys share a recipe and can train in one ``train`` call."""
+    d = config.to_dict()
+    for k in VARYING_FIELDS:
+        d.pop(k)
+    return json.dumps(d, sort_keys=True)
+
+
+def check_recipe(configs: Sequence[TrainConfig]) -> None:
+    """Raise a clear error unless ``configs`` may train together."""
+    if not configs:
+        raise ValueError("train needs at least one config")
+    ref = configs[0].to_dict()
+    for c in configs[1:]:
+        diff = {k: (ref[k], v) for k, v in c.to_dict().items() if k not in VARYING_FIELDS and ref[k] != v}
+        if diff:
+            raise ValueError(
+                f"runs trained together may differ only in {', '.join(VARYING_FIELDS)}; {c.run_id()} differs "
+                f"from {configs[0].run_id()} in {diff} (first, second). Train them in separate calls "
+                f"(runs.get_or_train_many groups them for you).")
+    ids = [c.run_id() for c in configs]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"the same run is listed twice: {sorted({i for i in ids if ids.count(i) > 1})}")
+
+
+# --------------------------------------------------------------------------- one run
+
+class Member:
+    """One run: its network, optimiser, generator, objective, teacher and per-epoch records."""
+
+    def __init__(self, config: TrainConfig, data: DeviceData, device: torch.device,
+                 teachers: Mapping[str, nn.Module] | None = None):
+        self.config = config
+        cuda = device.type == "cuda"
+        torch.manual_seed(config.seed)
+        model = build_model(config.arch, data.num_classes, config.width).to(device)
+        self.model = model.to(memory_format=torch.channels_last) if cuda else model
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+            weight_decay=config.weight_decay, **({"fused": True} if cuda else {}))
+        self.torch_rng = torch.get_rng_state()
+        self.generator = torch.Generator(device)
+        self.objective = make_objective(config.objective, config.objective_args)
+        self.objective.setup(config, data.train_labels, data.num_classes)
+        self.teacher = None
+        if "teacher" in self.objective.extra_forwards:
+            name = config.objective_args.get("teacher")
+            if not teachers or name not in teachers:
+                raise ValueError(f"{config.run_id()}: objective {config.objective!r} needs its teacher {name!r}; "
+                                 f"pass teachers={{{name!r}: network}} (the run store loads it: runs.load_teachers)")
+            self.teacher = teachers[name]
+        self.epoch = 0
+        C = data.num_classes
+        # Per-epoch confusion counts, kept on the host for checkpoints (300 epochs x 100 x 100 int32 = 12 MB).
+        self.train_confusions = torch.zeros(config.epochs, C, C, dtype=torch.int32)
+        self.test_confusions = torch.zeros(config.epochs, C, C, dtype=torch.int32)
+
+    def checkpoint(self, model_state: dict, optimizer_state: dict, device: torch.device) -> dict:
+        return {"config": self.config.to_dict(), "epoch": self.epoch, "model": model_state,
+                "optimizer": optimizer_state, "objective": self.objective.state_dict(),
+                "train_confusions": self.train_confusions, "test_confusions": self.test_confusions,
+                "torch_rng": self.torch_rng, "device_type": device.type}
+
+    def load(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.objective.load_state_dict(state["objective"])
+        self.train_confusions.copy_(state["train_confusions"])
+        self.test_confusions.copy_(state["test_confusions"])
+        self.torch_rng = state["torch_rng"]
+        self.epoch = int(state["epoch"])
+
+
+# --------------------------------------------------------------------------- strategies
+
+class CompiledModule:
+    """``torch.compile(module)`` that falls back to ``module`` itself if compiling fails."""
+
+    def __init__(self, module: nn.Module, cuda: bool):
+        self.module = module
+        # CUDA graphs ("reduce-overhead") on CUDA; inductor's default elsewhere.
+        self.compiled = torch.compile(module, mode="reduce-overhead" if cuda else None, dynamic=False)
+        self.cuda = cuda
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                if self.cuda:
+                    torch.compiler.cudagraph_mark_step_begin()
+                return self.compiled(x)
+            except Exception as err:  # compiler or backend failure: the eager module computes the same
+                warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err)[:300]}); "
+                              f"continuing without compilation", RuntimeWarning, stacklevel=2)
+                self.compiled = None
+        return self.module(x)
+
+
+class Separate:
+    """One member's network and optimiser (strategies ``eager`` and ``compiled``)."""
+
+    def __init__(self, member: Member, compiled: bool, cuda: bool):
+        self.members = [member]
+        self.network = member.model
+        self.optimizer = member.optimizer
+        self._forward = CompiledModule(member.model, cuda) if compiled else member.model
+        teacher = member.teacher
+        self._teacher = (CompiledModule(teacher, cuda) if compiled else teacher) if teacher is not None else None
+
+    def forward(self, xs: list[torch.Tensor], training: bool = True) -> list[torch.Tensor]:
+        # Evaluation runs the eager module: it would add graphs for another mode and shape.
+        return [(self._forward if training else self.network)(xs[0])]
+
+    def teacher(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self._teacher(xs[0])]
+
+    def states(self, k: int) -> tuple[dict, dict]:
+        return self.network.state_dict(), self.optimizer.state_dict()
+
+
+class Fused:
+    """All members as one network of grouped convolutions and one SGD (strategy ``fused``)."""
+
+    def __init__(self, members: list[Member], cuda: bool):
+        self.members, self.n, self.cuda = members, len(members), cuda
+        optimizer_states = [m.optimizer.state_dict() for m in members]
+        self.network = fused.fuse([m.model for m in members])
+        if cuda:
+            self.network = self.network.to(memory_format=torch.channels_last)
+        c = members[0].config
+        self.optimizer = torch.optim.SGD(
+            self.network.parameters(), lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
+            weight_decay=c.weight_decay, **({"fused": True} if cuda else {}))
+        if optimizer_states[0]["state"]:
+            self.optimizer.load_state_dict(fused.fuse_optimizer_states(optimizer_states))
+        for m in members:  # the fused network holds the weights now
+            m.model = m.optimizer = None
+        teachers = [m.teacher for m in members]
+        if teachers[0] is None:
+            self._teacher = None
+        elif all(t is teachers[0] for t in teachers):
+            self._teacher, self._shared_teacher = teachers[0], True
+        else:
+            self._teacher, self._shared_teacher = fused.fuse(teachers).eval().requires_grad_(False), False
+            if cuda:
+                self._teacher = self._teacher.to(memory_format=torch.channels_last)
+
+    def _run(self, network: nn.Module, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = network(fused.stack_members(xs, channels_last=self.cuda))
+        return list(out.unbind(1))
+
+    def forward(self, xs: list[torch.Tensor], training: bool = True) -> list[torch.Tensor]:
+        return self._run(self.network, xs)
+
+    def teacher(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self._shared_teacher:  # one teacher for all: one forward over the members' batches
+            return list(self._teacher(torch.cat(xs)).split(len(xs[0])))
+        return self._run(self._teacher, xs)
+
+    def states(self, k: int) -> tuple[dict, dict]:
+        return (fused.member_state(self.network, self.n, k),
+                fused.member_optimizer_state(self.optimizer.state_dict(), self.n, k))
+
+
+# --------------------------------------------------------------------------- the loop
+
+class MemberFailure(Exception):
+    """Members' losses turned non-finite; ``errors`` maps member position to its error."""
+
+    def __init__(self, errors: dict[int, NonFiniteLossError]):
+        super().__init__("; ".join(f"member {i}: {e}" for i, e in errors.items()))
+        self.errors = errors
+
+
+class Engine:
+    """N members of one recipe at the same epoch, executed by ``strategy``."""
+
+    def __init__(self, members: list[Member], data: DeviceData, device: torch.device, strategy: str):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if len({m.epoch for m in members}) != 1:
+            raise ValueError(f"members must be at the same epoch, got {sorted({m.epoch for m in members})}")
+        self.members, self.data, self.device = members, data, device
+        self.config, self.n = members[0].config, len(members)
+        self.epoch = members[0].epoch
+        self.cuda = device.type == "cuda"
+        self.steps_per_epoch = math.ceil(data.num_train / self.config.batch_size)
+        self.extra_forwards = members[0].objective.extra_forwards
+        for m in members:
+            if m.teacher is not None:
+                m.teacher = m.teacher.to(device).eval().requires_grad_(False)
+                if self.cuda:
+                    m.teacher = m.teacher.to(memory_format=torch.channels_last)
+        if strategy == "fused" and self.n > 1:
+            self.units = [Fused(members, self.cuda)]
+        else:
+            self.units = [Separate(m, strategy == "compiled", self.cuda) for m in members]
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
+
+    def states(self) -> list[tuple[dict, dict]]:
+        """(model state, optimiser state) of every member, in members' order."""
+        return [unit.states(k) for unit in self.units for k in range(len(unit.members))]
+
+    def _step(self, unit, batches: list[Batch], lr: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One optimisation step of ``unit``'s members: every forward, the losses, backward, SGD."""
+        members = unit.members
+        for group in unit.optimizer.param_groups:
+            group["lr"] = lr
+        with self.autocast():
+            logits = unit.forward([b.images for b in batches])
+        if "partner" in self.extra_forwards:  # after the anchors, as in CS-KD's code (BN statistics)
+            partners = [self.data.augment(m.objective.partners(b.labels, m.generator), m.generator)
+                        for m, b in zip(members, batches)]
+            with torch.no_grad(), self.autocast():
+                for b, z in zip(batches, unit.forward(partners)):
+                    b.partner_logits = z
+        if "teacher" in self.extra_forwards:
+            with torch.no_grad(), self.autocast():
+                for b, z in zip(batches, unit.teacher([b.images for b in batches])):
+                    b.teacher_logits = z
+        losses = [m.objective.loss(z, b, self.epoch) for m, z, b in zip(members, logits, batches)]
+        unit.optimizer.zero_grad(set_to_none=True)
+        (losses[0] if len(losses) == 1 else torch.stack(losses).sum()).backward()
+        unit.optimizer.step()
+        return list(zip(losses, logits))
+
+    def train_epoch(self, show_progress: bool = False) -> list[dict]:
+        """One epoch for every member; returns each member's train loss, top-1 and last lr."""
+        n, C, config, dev = self.n, self.data.num_classes, self.config, self.device
+        for unit in self.units:
+            unit.network.train()
+        for m in self.members:
+            m.generator.manual_seed(epoch_seed(m.config.seed, self.epoch))
+        iterators = [self.data.train_batches(config.batch_size, m.generator) for m in self.members]
+        loss_sum = torch.zeros(n, device=dev)
+        correct = torch.zeros(n, device=dev, dtype=torch.long)
+        confusion = torch.zeros(n * C * C, device=dev, dtype=torch.long)
+        first_bad_step = torch.full((n,), -1, device=dev, dtype=torch.long)
+        offsets = torch.arange(n, device=dev)[:, None] * (C * C)
+        lr = config.lr
+        for i in progress(range(self.steps_per_epoch), show_progress, leave=False,
+                          desc=f"epoch {self.epoch + 1}/{config.epochs}"):
+            lr = learning_rate(config, self.epoch * self.steps_per_epoch + i, self.steps_per_epoch)
+            batches = [next(it) for it in iterators]
+            if self.cuda:
+                for b in batches:
+                    b.images = b.images.contiguous(memory_format=torch.channels_last)
+            results, start = [], 0
+            for unit in self.units:
+                results += self._step(unit, batches[start:start + len(unit.members)], lr)
+                start += len(unit.members)
+            losses = torch.stack([loss.detach().float() for loss, _ in results])
+            labels = torch.stack([b.labels for b in batches])
+            bad = ~torch.isfinite(losses) & (first_bad_step < 0)
+            first_bad_step = torch.where(bad, torch.full_like(first_bad_step, i), first_bad_step)
+            loss_sum += losses * labels.shape[1]
+            predictions = torch.stack([z.detach().argmax(1) for _, z in results])
+            correct += (predictions == labels).sum(1)
+            add_counts(confusion, (offsets + labels * C + predictions).flatten())
+            if (i + 1) % SYNC_EVERY == 0:
+                self._check_finite(first_bad_step)
+        self._check_finite(first_bad_step)
+        self.last_train_confusions = confusion.view(n, C, C)
+        total = self.data.num_train
+        return [{"train_loss": loss_sum[k].item() / total, "train_top1": 100 * correct[k].item() / total, "lr": lr}
+                for k in range(n)]
+
+    def _check_finite(self, first_bad_step: torch.Tensor) -> None:
+        errors = {}
+        for k, bad in enumerate(first_bad_step.tolist()):
+            if bad >= 0:
+                c = self.members[k].config
+                errors[k] = NonFiniteLossError(
+                    f"{c.run_id()}: the loss became NaN or infinite at epoch {self.epoch + 1} (1-based), step "
+                    f"{bad} of that epoch (objective {c.objective!r}, lr schedule peak {c.lr}). The run stopped; "
+                    f"its last checkpoint (end of epoch {self.epoch}) is kept. Lower the learning rate or check "
+                    f"the objective's inputs, then train again under a new config.")
+        if errors:
+            raise MemberFailure(errors)
+
+    @torch.no_grad()
+    def evaluate(self, return_logits: bool = False) -> list[dict]:
+        """Per member: loss, top-1, top-5 and confusion counts on the test split (eval mode)."""
+        n, C, dev = self.n, self.data.num_classes, self.device
+        for unit in self.units:
+            unit.network.eval()
+        loss_sum = torch.zeros(n, device=dev)
+        top1 = torch.zeros(n, device=dev, dtype=torch.long)
+        top5 = torch.zeros(n, device=dev, dtype=torch.long)
+        confusion = torch.zeros(n * C * C, device=dev, dtype=torch.long)
+        offsets = torch.arange(n, device=dev)[:, None] * (C * C)
+        all_logits = []
+        for images, labels in self.data.test_batches():
+            if self.cuda:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with self.autocast():
+                outputs = [z for unit in self.units for z in unit.forward([images] * len(unit.members), False)]
+            logits = torch.stack(outputs).float()  # (N, B, C)
+            B = len(labels)
+            loss_sum += F.cross_entropy(logits.reshape(n * B, C), labels.repeat(n), reduction="none").view(n, B).sum(1)
+            topk = logits.topk(min(5, C), dim=2).indices
+            top1 += (topk[..., 0] == labels).sum(1)
+            top5 += (topk == labels[None, :, None]).any(2).sum(1)
+            add_counts(confusion, (offsets + labels * C + topk[..., 0]).flatten())
+            if return_logits:
+                all_logits.append(logits)
+        total = len(self.data.test_labels)
+        confusion = confusion.view(n, C, C)
+        results = []
+        for k in range(n):
+            r = {"test_loss": loss_sum[k].item() / total, "test_top1": 100 * top1[k].item() / total,
+                 "test_top5": 100 * top5[k].item() / total, "confusion": confusion[k]}
+            if return_logits:
+                r["logits"] = torch.cat([z[k] for z in all_logits])
+            results.append(r)
+        return results
+
+
+# --------------------------------------------------------------------------- run folders
+
+def load_checkpoint(path: Path, config: TrainConfig | None = None, device=None) -> dict:
+    """Load a checkpoint safely (tensors and plain values only) and check it belongs to ``config``
+    and, when ``device`` is given, to that device type."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refused an arbitrary Python object
+        raise RuntimeError(
+            f"cannot load checkpoint {path}: it holds Python objects other than tensors and plain values, "
+            f"and loading it could run arbitrary code, so it was refused ({str(err).splitlines()[-1][:200]}). "
+            f"cdlib never writes such files: delete it (the run restarts from scratch) unless you trust its "
+            f"source.") from err
+    except Exception as err:  # truncated or corrupted archive
+        raise RuntimeError(
+            f"cannot load checkpoint {path}: {type(err).__name__}: {str(err)[:300]}. If the file is truncated, "
+            f"delete it to restart that run from scratch (other runs are unaffected); never load checkpoints "
+            f"from untrusted sources.") from err
+    if config is not None and state.get("config") != config.to_dict():
+        raise RuntimeError(
+            f"checkpoint {path} was written for another config ({state.get('config')}), not {config.to_dict()}. "
+            f"Move it away or delete it; it will not be resumed.")
+    written_on = state.get("device_type", "cpu")  # checkpoints before this field was added came from CPUs
+    if device is not None and written_on != torch.device(device).type:
+        raise RuntimeError(
+            f"checkpoint {path} was written on {written_on} and cannot resume exactly on "
+            f"{torch.device(device).type}: random generators, optimiser flags and memory layouts differ between "
+            f"devices. Resume it on a {written_on} device, or delete it to restart the run on this one.")
+    return state
+
+
+def read_history(run_dir: Path, epochs: int) -> list[dict]:
+    """The ``metrics.jsonl`` lines of the first ``epochs`` epochs; later ones (written after the
+    last checkpoint, before a crash) are dropped from the file and redone."""
+    path = run_dir / "metrics.jsonl"
+    history = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    history = history[:epochs]
+    atomic_write_text(path, "".join(json.dumps(h) + "\n" for h in history))
+    return history
+
+
+def _finish(engine: Engine, run_dirs: list[Path], histories: list[list[dict]], start: float) -> list[dict]:
+    """Write each member's final artefacts; ``summary.json`` last, atomically: it marks a finished run."""
+    finals = engine.evaluate(return_logits=True)
+    summaries = []
+    for m, (model_state, _), run_dir, history, final in zip(engine.members, engine.states(), run_dirs, histories,
+                                                            finals):
+        np.save(run_dir / "test_logits.npy", final["logits"].cpu().numpy())
+        np.savez_compressed(run_dir / "confusions.npz", train=m.train_confusions.numpy(),
+                            test=m.test_confusions.numpy())
+        atomic_save(model_state, run_dir / "model.pt")
+        best = max(history, key=lambda h: h["test_top1"])
+        summary = {
+            "run_id": m.config.run_id(), "num_classes": engine.data.num_classes, "final_top1": final["test_top1"],
+            "final_top5": final["test_top5"], "best_top1": best["test_top1"], "best_top5": best["test_top5"],
+            "best_epoch": best["epoch"], "train_seconds": sum(h["seconds"] for h in history),
+            "device": str(engine.device), "torch": torch.__version__,
+            "seconds_this_session": time.perf_counter() - start, "group_size": engine.n,
+        }
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+        (run_dir / CHECKPOINT).unlink()
+        summaries.append(summary)
+    return summaries
+
+
+def _train_from(members: list[Member], run_dirs: list[Path], data: DeviceData, device: torch.device,
+                strategy: str, show_progress: bool) -> list[dict]:
+    """Train members that stand at the same epoch to the end; raises MemberFailure."""
+    engine = Engine(members, data, device, strategy)
+    histories = [read_history(d, engine.epoch) for d in run_dirs]
+    config = engine.config
+    start = time.perf_counter()
+    desc = config.run_id() if engine.n == 1 else f"{config.name} x{engine.n} ({strategy})"
+    for _ in progress(range(engine.epoch, config.epochs), show_progress, initial=engine.epoch,
+                      total=config.epochs, desc=desc):
+        epoch_start = time.perf_counter()
+        train_records = engine.train_epoch(show_progress)
+        results = engine.evaluate()
+        e = engine.epoch
+        for k, m in enumerate(members):
+            m.train_confusions[e] = engine.last_train_confusions[k].cpu().int()
+            m.test_confusions[e] = results[k]["confusion"].cpu().int()
+            m.objective.end_epoch(EpochEnd(e, engine.last_train_confusions[k], results[k]["confusion"]))
+        seconds = time.perf_counter() - epoch_start
+        for run_dir, history, train_record, result in zip(run_dirs, histories, train_records, results):
+            record = {"epoch": e + 1, **train_record,
+                      **{k: result[k] for k in ("test_loss", "test_top1", "test_top5")},
+                      "seconds": seconds, "group_size": engine.n}
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            history.append(record)
+        engine.epoch += 1
+        for m, (model_state, optimizer_state), run_dir in zip(members, engine.states(), run_dirs):
+            m.epoch = engine.epoch
+            atomic_save(m.checkpoint(model_state, optimizer_state, device), run_dir / CHECKPOINT)
+    return _finish(engine, run_dirs, histories, start)
+
+
+def train(configs: Sequence[TrainConfig], run_dirs: Sequence[str | Path], *, data: DeviceData | None = None,
+          device=None, data_root=None, strategy: str | None = None,
+          teachers: Mapping[str, nn.Module] | None = None, progress: bool = True,
+          deterministic: bool = False) -> list[dict]:
+    """Train ``configs`` (one recipe: they may differ in seed, objective_args and name) in ``run_dirs``.
+
+    Finished folders are skipped and interrupted ones resumed from their checkpoints.
+    ``teachers`` maps a KD objective's ``teacher`` argument to its network.
+    ``deterministic`` makes cuDNN deterministic (bitwise resume on CUDA; slower).
+    Returns the summaries in the order of ``configs``. A run whose loss turns
+    non-finite stops with its last checkpoint kept; the others train on, and
+    ``MembersDivergedError`` is raised at the end.
+    """
+    configs, run_dirs = list(configs), [Path(d) for d in run_dirs]
+    check_recipe(configs)
+    if len(run_dirs) != len(configs):
+        raise ValueError(f"{len(configs)} configs but {len(run_dirs)} run folders")
+    if len({d.resolve() for d in run_dirs}) != len(run_dirs):
+        raise ValueError("two runs share a run folder")
+    device = resolve_device(device)
+    strategy = strategy or default_strategy(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+    data = data or DeviceData(load_dataset(configs[0].dataset, data_root), device, configs[0].rotation)
+    summaries: dict[int, dict] = {}
+    failures: dict[int, NonFiniteLossError] = {}
+    for i, d in enumerate(run_dirs):
+        d.mkdir(parents=True, exist_ok=True)
+        if (d / "summary.json").is_file():
+            summaries[i] = json.loads((d / "summary.json").read_text())
+    while pending := [i for i in range(len(configs)) if i not in summaries and i not in failures]:
+        members = {}
+        for i in pending:
+            members[i] = Member(configs[i], data, device, teachers)
+            path = run_dirs[i] / CHECKPOINT
+            if path.is_file():
+                members[i].load(load_checkpoint(path, configs[i], device))
+        # Members at different epochs (a kill between two checkpoint writes) train apart, the lowest first.
+        epoch = min(m.epoch for m in members.values())
+        chosen = [i for i in pending if members[i].epoch == epoch]
+        try:
+            done = _train_from([members[i] for i in chosen], [run_dirs[i] for i in chosen], data, device,
+                               strategy, progress)
+        except MemberFailure as failure:  # the others restart this epoch from their checkpoints: exact
+            failures.update({chosen[k]: err for k, err in failure.errors.items()})
+            continue
+        summaries.update(zip(chosen, done))
+    if failures:
+        if len(configs) == 1:
+            raise failures[0]
+        raise MembersDivergedError(
+            f"{len(failures)} of {len(configs)} runs diverged (the others finished): "
+            + " | ".join(str(e) for e in failures.values()),
+            {configs[i].run_id(): err for i, err in failures.items()})
+    return [summaries[i] for i in range(len(configs))]
+
+
+def fit(config: TrainConfig, run_dir: str | Path, **kwargs) -> dict:
+    """Train one run (``train`` with N = 1); returns its summary."""
+    return train([config], [run_dir], **kwargs)[0]
