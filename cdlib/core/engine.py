@@ -52,7 +52,7 @@ from cdlib.core.config import TrainConfig
 from cdlib.core.data import Batch, DeviceData, load_dataset
 from cdlib.core.models import build_model
 from cdlib.core.objectives import EpochEnd, make_objective
-from cdlib.core.util import add_counts, atomic_save, atomic_write_text, progress, resolve_device
+from cdlib.core.util import add_counts, atomic_save, atomic_save_all, atomic_write_text, progress, resolve_device
 
 CHECKPOINT = "checkpoint.pt"
 SYNC_EVERY = 100  # steps between host checks for a non-finite loss
@@ -507,9 +507,12 @@ def _train_from(members: list[Member], run_dirs: list[Path], data: DeviceData, d
                 f.write(json.dumps(record) + "\n")
             history.append(record)
         engine.epoch += 1
-        for m, (model_state, optimizer_state), run_dir in zip(members, engine.states(), run_dirs):
+        for m in members:
             m.epoch = engine.epoch
-            atomic_save(m.checkpoint(model_state, optimizer_state, device), run_dir / CHECKPOINT)
+        # All members' checkpoints at once: runs left at different epochs would resume apart, and a
+        # fused group of another size sums in another order (equal to rounding, not bitwise).
+        atomic_save_all([(m.checkpoint(model_state, optimizer_state, device), run_dir / CHECKPOINT)
+                         for m, (model_state, optimizer_state), run_dir in zip(members, engine.states(), run_dirs)])
     return _finish(engine, run_dirs, histories, start)
 
 

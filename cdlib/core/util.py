@@ -23,6 +23,19 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def atomic_save_all(items: list[tuple[object, Path]]) -> None:
+    """``atomic_save`` for several files: every file is written under a temporary name first,
+    then all are renamed in a row, so a kill leaves them all at their old or all at their new
+    contents, except inside the microseconds of the renames."""
+    written = []
+    for obj, path in items:
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(obj, tmp)
+        written.append((tmp, path))
+    for tmp, path in written:
+        os.replace(tmp, path)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
