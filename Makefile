@@ -14,10 +14,10 @@ test: setup  ## unit tests + every notebook under nbval (smoke profile, fresh ou
 	CDLIB_OUTPUTS=$(TEST_OUTPUTS) CDLIB_PROGRESS=0 $(PYTHON) -m pytest
 
 reproduce: setup  ## every notebook in order: paper profile with CUDA, smoke otherwise (PROFILE=quick ...)
-	$(PYTHON) -m cdlib.experiments.pipeline --profile $(PROFILE)
+	$(PYTHON) -m cdlib pipeline --profile $(PROFILE)
 
 smoke: setup  ## the whole pipeline on a CPU in minutes
-	$(PYTHON) -m cdlib.experiments.pipeline --profile smoke
+	$(PYTHON) -m cdlib pipeline --profile smoke
 
 lab: setup
 	$(PYTHON) -m jupyter lab notebooks/

@@ -6,9 +6,14 @@
     estimate   how long a profile's training takes here        (cdlib.scaleout.estimate)
     executors  run a plan's runs on local GPUs or Slurm         (cdlib.scaleout.executors)
     train      train one run in a given folder                 (cdlib.core.runs)
+
+A mistake (an unknown profile, a damaged file, a full disk) is reported as one line on
+stderr with exit code 2 (``cdlib.errors``); a traceback means a bug in cdlib.
 """
 import importlib
 import sys
+
+from cdlib.errors import report_user_errors
 
 COMMANDS = {
     "pipeline": "cdlib.experiments.pipeline",
@@ -22,11 +27,14 @@ COMMANDS = {
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] not in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__, file=sys.stderr)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    result = importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
-    return result if isinstance(result, int) else 0
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"python -m cdlib: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)} "
+              f"(see python -m cdlib --help)", file=sys.stderr)
+        return 2
+    return report_user_errors(argv[0], importlib.import_module(COMMANDS[argv[0]]).main, argv[1:])
 
 
 if __name__ == "__main__":

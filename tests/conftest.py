@@ -1,4 +1,5 @@
 import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -43,6 +44,32 @@ def cifar100_sample(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cifar10_jpeg(tmp_path_factory) -> Path:
     return _extract(tmp_path_factory, "cifar10-jpeg.tar.gz")
+
+
+# The fault matrix: every fault a test injected, what happened, and whether finished work was kept.
+# Tests add rows through the ``record_fault`` fixture; the table prints at the end of the run.
+FAULT_MATRIX: dict[str, tuple[str, str]] = {}
+
+
+@pytest.fixture
+def record_fault():
+    def record(fault: str, outcome: str, kept: bool | None) -> None:
+        """``kept``: whether finished work survived; None where none was at stake."""
+        outcome = re.sub(r"/\S*/", "…/", " ".join(outcome.split()))  # temporary folders say nothing
+        FAULT_MATRIX[fault] = (outcome[:120], {True: "kept", False: "LOST", None: "-"}[kept])
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not FAULT_MATRIX:
+        return
+    write = terminalreporter.write_line
+    width = max(map(len, FAULT_MATRIX))
+    lost = sum(kept == "LOST" for _, kept in FAULT_MATRIX.values())
+    write(f"\nfault matrix: {len(FAULT_MATRIX)} faults injected, finished work lost in {lost}")
+    write(f"  {'fault':<{width}}  {'finished work':<13}  what happened")
+    for fault, (outcome, kept) in sorted(FAULT_MATRIX.items()):
+        write(f"  {fault:<{width}}  {kept:<13}  {outcome}")
 
 
 def pytest_collection_modifyitems(items):

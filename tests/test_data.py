@@ -1,4 +1,6 @@
+import os
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -45,7 +47,7 @@ def test_cifar100_original_layout(tmp_path, small_counts):
     rng = np.random.default_rng(0)
     folder = make_cifar100(tmp_path, rng)
     ds = load_dataset("cifar100", root=tmp_path)
-    raw = pickle.load(open(folder / "train", "rb"))
+    raw = pickle.loads((folder / "train").read_bytes())
     assert ds.train_images.shape == (500, 32, 32, 3) and ds.train_images.dtype == np.uint8
     assert ds.test_images.shape == (100, 32, 32, 3)
     # The pickle stores planes R, G, B of 1024 pixels each, row-major.
@@ -88,7 +90,7 @@ def test_missing_dataset_says_where_and_how(tmp_path, monkeypatch):
 def test_malformed_cifar_is_refused(tmp_path, small_counts, fault, expected):
     rng = np.random.default_rng(2)
     folder = make_cifar100(tmp_path, rng)
-    train = pickle.load(open(folder / "train", "rb"))
+    train = pickle.loads((folder / "train").read_bytes())
     if fault == "truncated":
         blob = (folder / "train").read_bytes()
         (folder / "train").write_bytes(blob[: len(blob) // 2])
@@ -107,13 +109,68 @@ def test_malformed_cifar_is_refused(tmp_path, small_counts, fault, expected):
         load_dataset("cifar100", root=tmp_path)
 
 
+class _WritesMarker:
+    """Unpickling this calls exec, which creates the marker file: what a crafted pickle could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path, small_counts):
+    folder = make_cifar100(tmp_path, np.random.default_rng(4))
+    marker = tmp_path / "marker"
+    _write_pickle(folder / "train", {"data": _WritesMarker(marker), "fine_labels": []})
+    with pytest.raises(DataError) as err:
+        load_dataset("cifar100", root=tmp_path)
+    message = str(err.value)
+    assert str(folder / "train") in message and "builtins.exec" in message
+    assert "arbitrary code" in message and "fresh copy" in message
+    assert not marker.exists()
+    pickle.loads((folder / "train").read_bytes())  # the payload is real: plain pickle runs it
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("protocol, numpy_core", [(2, "numpy.core"), (2, "numpy._core"), (4, None), (5, None)])
+def test_numpy_pickles_of_numpy_1_and_2_load(tmp_path, protocol, numpy_core):
+    """numpy 1.x names its reconstruction functions numpy.core.*, numpy 2.x numpy._core.*."""
+    arrays = {"data": np.arange(2 * 3072).astype(np.uint8).reshape(2, 3072), "labels": np.array([3, 1]),
+              "big_endian": np.arange(3, dtype=">f4"), "fortran": np.asfortranarray(np.ones((2, 3)))}
+    blob = pickle.dumps({**arrays, "scalar": np.int64(7), "names": ["a", "b"]}, protocol=protocol)
+    if numpy_core:  # protocol 2 names globals in text lines, so the module path can be swapped in place
+        blob = blob.replace(b"numpy._core.", b"numpy.core.").replace(b"numpy.core.", f"{numpy_core}.".encode())
+        assert f"{numpy_core}.multiarray".encode() in blob
+    (tmp_path / "file").write_bytes(blob)
+    loaded = data._unpickle(tmp_path / "file")
+    for key, array in arrays.items():
+        assert loaded[key].dtype.type == array.dtype.type and np.array_equal(loaded[key], array)
+    assert loaded["scalar"] == 7 and loaded["names"] == ["a", "b"]
+
+
+def test_damaged_dtype_is_a_data_error_not_a_crash(tmp_path):
+    """One damaged byte (a NONE turned into BUILD) hands numpy's dtype a state that crashes it."""
+    blob = pickle.dumps({"data": np.zeros((5, 3072), np.uint8)}, protocol=4)
+    assert blob.count(b"NNNJ") == 1
+    (tmp_path / "file").write_bytes(blob.replace(b"NNNJ", b"NNbJ"))
+    with pytest.raises(DataError, match="dtype state"):
+        data._unpickle(tmp_path / "file")
+
+
+def test_pickle_that_is_not_a_dict_is_refused(tmp_path):
+    _write_pickle(tmp_path / "file", [1, 2, 3])
+    with pytest.raises(DataError, match="holds a list"):
+        data._unpickle(tmp_path / "file")
+
+
 def test_real_cifar100_sample(cifar100_sample):
     """The shared sample: real test images (first 20) and real class names, no train file."""
     folder = cifar100_sample / "cifar-100-python"
     images, labels, coarse = data.read_cifar_split(folder / "test", "fine_labels", 100, expected=20)
     assert images.shape == (20, 32, 32, 3) and images.dtype == np.uint8
     assert labels.min() >= 0 and labels.max() < 100 and coarse.max() < 20
-    meta = pickle.load(open(folder / "meta", "rb"), encoding="latin1")
+    meta = pickle.loads((folder / "meta").read_bytes(), encoding="latin1")
     assert len(meta["fine_label_names"]) == 100 and meta["fine_label_names"][0] == "apple"
     assert len(meta["coarse_label_names"]) == 20
     fine, coarse_train = (np.load(cifar100_sample / f"train_{k}_labels.npy") for k in ("fine", "coarse"))
@@ -151,6 +208,119 @@ def test_imagefolder_resizes_and_checks_classes(tmp_path):
     (tmp_path / "f" / "test" / "c").mkdir()
     with pytest.raises(DataError, match="differ"):
         data.load_imagefolder(tmp_path / "f", size=16)  # another size: not the cached read
+
+
+def _write_image(path, rng, size=32):
+    """A random RGB PNG; returns its pixels."""
+    from PIL import Image
+    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="PNG")
+    return pixels
+
+
+def _image_folder(root, rng, per_class=2):
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            for i in range(per_class):
+                _write_image(root / split / cls / f"{i}.png", rng)
+    return root
+
+
+def test_imagefolder_cache_follows_the_files(tmp_path, isolated_outputs, monkeypatch, record_fault):
+    rng = np.random.default_rng(5)
+    folder = _image_folder(tmp_path / "f", rng)
+    first = data.load_imagefolder(folder)
+    cached = list((isolated_outputs / "cache").iterdir())
+    assert len(cached) == 1 and cached[0].suffix == ".npz"  # no temporary file left behind
+    with monkeypatch.context() as m:  # unchanged files: served from the cache, nothing decoded
+        m.setattr(data, "_read_image", lambda *args: pytest.fail("decoded an image despite the cache"))
+        again = data.load_imagefolder(folder)
+    assert np.array_equal(again.train_images, first.train_images) and again.classes == ["a", "b"]
+    # Rewritten with other pixels (and a new mtime, as a copy would give): the new pixels are served.
+    image = folder / "train" / "b" / "1.png"
+    stat = image.stat()
+    pixels = _write_image(image, rng)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    rewritten = data.load_imagefolder(folder)
+    assert np.array_equal(rewritten.train_images[3], pixels)
+    assert np.array_equal(rewritten.train_images[:3], first.train_images[:3])
+    # One image more: it is read, with its label.
+    added = _write_image(folder / "train" / "a" / "9.png", rng)
+    grown = data.load_imagefolder(folder)
+    assert grown.train_labels.tolist() == [0, 0, 0, 1, 1] and np.array_equal(grown.train_images[2], added)
+    record_fault("data: image folder changed after caching", "fresh arrays (cache keyed by names, sizes, mtimes)", None)
+
+
+def _damage(cache, how):
+    if how == "truncated":
+        blob = cache.read_bytes()
+        cache.write_bytes(blob[: len(blob) // 2])
+    elif how == "not an npz":
+        cache.write_bytes(b"not an npz file")
+    elif how == "missing keys":
+        np.savez(cache, xtr=np.zeros((4, 32, 32, 3), np.uint8))
+    elif how == "inconsistent shapes":
+        with np.load(cache) as z:
+            arrays = dict(z)
+        np.savez(cache, **{**arrays, "xtr": arrays["xtr"][:3]})
+
+
+@pytest.mark.parametrize("how", ["truncated", "not an npz", "missing keys", "inconsistent shapes"])
+def test_damaged_imagefolder_cache_is_rebuilt(tmp_path, isolated_outputs, how, record_fault):
+    folder = _image_folder(tmp_path / "f", np.random.default_rng(6))
+    fresh = data.load_imagefolder(folder)
+    (cache,) = (isolated_outputs / "cache").iterdir()
+    _damage(cache, how)
+    with pytest.warns(UserWarning, match="damaged") as record:
+        rebuilt = data.load_imagefolder(folder)
+    assert str(cache) in str(record[0].message) and f"rebuilding it from {folder}" in str(record[0].message)
+    assert np.array_equal(rebuilt.train_images, fresh.train_images)
+    assert np.array_equal(rebuilt.test_labels, fresh.test_labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(data.load_imagefolder(folder).train_images, fresh.train_images)
+    record_fault(f"data: image-folder cache {how}", f"rebuilt, with a warning: {record[0].message}", None)
+
+
+def test_imagefolder_skips_what_is_not_an_image(tmp_path, record_fault):
+    rng = np.random.default_rng(7)
+    folder = _image_folder(tmp_path / "f", rng)
+    train = folder / "train"
+    for junk in ("a/.DS_Store", "a/notes.txt", "b/Thumbs.db", "README.md"):
+        (train / junk).write_bytes(b"not an image")
+    _write_image(train / "a" / "subfolder" / "0.png", rng)  # ImageFolder-by-class reads no deeper
+    _write_image(train / ".hidden_class" / "0.png", rng)
+    _write_image(train / "a" / "._0.png", rng)  # macOS's resource-fork copy: hidden
+    upper = _write_image(train / "b" / "UPPER.PNG", rng)  # extensions match in any case
+    with pytest.warns(UserWarning) as record:
+        ds = data.load_imagefolder(folder)
+    messages = [str(w.message) for w in record]
+    assert messages == [f"skipped 7 entries in {train} that are hidden, subfolders of a class folder or "
+                        f"not images by extension (.jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp)."]
+    assert ds.classes == ["a", "b"] and ds.train_labels.tolist() == [0, 0, 1, 1, 1]
+    assert np.array_equal(ds.train_images[4], upper)
+    record_fault("data: non-image files in an image folder", messages[0], None)
+
+
+@pytest.mark.parametrize("content", ["not an image", "truncated"])
+def test_undecodable_image_is_named(tmp_path, content):
+    folder = _image_folder(tmp_path / "f", np.random.default_rng(8))
+    bad = folder / "test" / "b" / "bad.png"
+    blob = (folder / "test" / "b" / "0.png").read_bytes()
+    bad.write_bytes(b"not an image" if content == "not an image" else blob[: len(blob) // 2])
+    with pytest.raises(DataError, match="Delete it or replace it") as err:
+        data.load_imagefolder(folder)
+    assert str(bad) in str(err.value)
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    folder = _image_folder(tmp_path / "f", np.random.default_rng(9))
+    for split in ("train", "test"):
+        (folder / split / "c").mkdir()
+    with pytest.raises(DataError, match="holds no images") as err:
+        data.load_imagefolder(folder)
+    assert str(folder / "train" / "c") in str(err.value)
 
 
 def test_synthetic_is_deterministic_and_structured():

@@ -5,7 +5,8 @@ runs: G, already finished; F, the faulty run; H, an unfinished run listed after 
 must report F's fault with its cause and its fix, mark F failed (``failed.json``) where the
 folder is F's own, leave G byte for byte as it was, and still finish H. The unit tests of
 the same faults (tests/test_data.py, test_train.py, test_runs.py) check the messages at
-their source; these check that a worker survives them. The last test prints the matrix.
+their source; these check that a worker survives them. Each adds a row to the fault matrix
+that prints at the end of the test run (tests/conftest.py).
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ TINY = TrainConfig(name="tiny", dataset="synthetic", arch="resnet18", width=0.06
 G = TINY                            # finished before the worker starts
 H = TINY.replace(name="other")      # unfinished: must still be finished after F fails
 F = TINY.replace(name="faulty")     # the run that meets the fault
-MATRIX: dict[str, tuple[str, str]] = {}  # fault id -> (error, first sentence of the report)
 
 
 @pytest.fixture(autouse=True)
@@ -176,6 +176,41 @@ def unwritable_folder(tmp_path, folder, template):
     pytest.skip("running as root with no read-only directory to stand in for an unwritable folder")
 
 
+def _teacher(folder, template, teacher_config):
+    """A finished KD teacher at ``folder``: G's files under ``teacher_config``; the student that names it."""
+    shutil.copytree(template / G.run_id(), folder)
+    (folder / "config.json").write_text(json.dumps(teacher_config.to_dict()))
+    return TINY.replace(name="student", objective="kd", objective_args={"teacher": folder.name})
+
+
+def teacher_damaged(tmp_path, folder, template):
+    student = _teacher(folder, template, F)
+    blob = (folder / "model.pt").read_bytes()
+    (folder / "model.pt").write_bytes(blob[: len(blob) // 2])
+    return student, None
+
+
+def teacher_of_another_dataset(tmp_path, folder, template):
+    student = _teacher(folder, template, F)
+    make_cifar100(tmp_path / "data", np.random.default_rng(0))
+    return student.replace(dataset="cifar100"), tmp_path / "data"
+
+
+def unreadable_image(tmp_path, folder, template):
+    from PIL import Image
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (tmp_path / "images" / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / "images" / split / cls / f"{i}.png")
+    (tmp_path / "images" / "train" / "dog" / "1.png").write_bytes(b"\x89PNG not really")
+    return F.replace(dataset=f"imagefolder:{tmp_path / 'images'}"), None
+
+
+def crafted_cifar_pickle(tmp_path, folder, template):
+    return _cifar(tmp_path, lambda f: _write_pickle(f, Exploit(tmp_path / "pwned")))
+
+
 def teacher_failed(tmp_path, folder, template):
     """A KD student whose teacher (in the same plan) fails: the student is not started, and says why."""
     return F.replace(lr=1e4), None
@@ -189,11 +224,11 @@ FAULTS = [
     ("fault-03-wrong-image-shape", wrong_shape, "DataError", ["(N, 3072)", "restore the file"], True),
     ("fault-04-labels-out-of-range", labels_out_of_range, "DataError", ["labels outside 0..99", "restore the file"],
      True),
-    ("fault-05-truncated-checkpoint", truncated_checkpoint, "RuntimeError", ["cannot load checkpoint", "delete it"],
+    ("fault-05-truncated-checkpoint", truncated_checkpoint, "CheckpointError", ["cannot load checkpoint", "delete it"],
      True),
-    ("fault-06-checkpoint-of-another-config", foreign_checkpoint, "RuntimeError", ["another config", "delete it"],
+    ("fault-06-checkpoint-of-another-config", foreign_checkpoint, "CheckpointError", ["another config", "delete it"],
      True),
-    ("fault-07-checkpoint-with-python-objects", checkpoint_with_python_objects, "RuntimeError",
+    ("fault-07-checkpoint-with-python-objects", checkpoint_with_python_objects, "CheckpointError",
      ["cannot load checkpoint", "holds Python objects", "arbitrary code", "delete it"], True),
     ("fault-08-run-folder-config-differs", config_differs, "ConfigMismatchError",
      ["different config", "'lr': (0.05, 0.1)", "Move or delete"], False),
@@ -201,11 +236,19 @@ FAULTS = [
     ("fault-10-unwritable-output-folder", unwritable_folder, "RunStoreError",
      ["Permission denied", "writable", "CDLIB_OUTPUTS"], False),
     ("fault-11-teacher-failed", teacher_failed, "TeacherFailed", ["its teacher", "fix the teacher"], False),
+    ("fault-12-teacher-model-damaged", teacher_damaged, "StoreError",
+     ["KD teacher faulty-", "model.pt", "cannot be loaded", "Restore the file"], True),
+    ("fault-13-teacher-of-another-dataset", teacher_of_another_dataset, "ConfigError",
+     ["was trained on 'synthetic'", "trains on 'cifar100'", "name a teacher"], True),
+    ("fault-14-unreadable-image", unreadable_image, "DataError", ["cannot decode image", "1.png", "Delete it"], True),
+    ("fault-15-crafted-cifar-pickle", crafted_cifar_pickle, "DataError",
+     ["io.open", "arbitrary code", "fresh copy"], True),
 ]
 
 
 @pytest.mark.parametrize("fault_id, setup, error, fragments, marks_folder", FAULTS, ids=[f[0] for f in FAULTS])
-def test_fault(fault_id, setup, error, fragments, marks_folder, tmp_path, isolated_outputs, store_template):
+def test_fault(fault_id, setup, error, fragments, marks_folder, tmp_path, isolated_outputs, store_template,
+               record_fault):
     store = isolated_outputs / "runs"
     for config in (G, H):
         shutil.copytree(store_template / config.run_id(), store / config.run_id())
@@ -241,21 +284,9 @@ def test_fault(fault_id, setup, error, fragments, marks_folder, tmp_path, isolat
         assert runs.failure(folder)["error"] == error
     if untouched is not None:
         assert _digest(folder) == untouched
-    if fault_id == "fault-07-checkpoint-with-python-objects":
-        assert not (tmp_path / "pwned").exists(), "the checkpoint's code ran"
+    if fault_id in ("fault-07-checkpoint-with-python-objects", "fault-15-crafted-cifar-pickle"):
+        assert not (tmp_path / "pwned").exists(), "the file's code ran"
     if fault_id == "fault-11-teacher-failed":
         assert not (store / failed_id).exists()  # the student was never started
     assert not list(store.glob(f"*/{locks.LOCK}")), "a lock was left behind"
-    MATRIX[fault_id] = (outcome.error, re.sub(r"/\S+/", "…/", outcome.message).split(". ")[0][:100])
-
-
-def test_fault_matrix_summary(capsys):
-    """Print which faults were tried and how each was reported (runs last in this module)."""
-    missing = [f[0] for f in FAULTS if f[0] not in MATRIX]
-    if len(missing) == len(FAULTS):
-        pytest.skip("no fault case ran in this session")
-    with capsys.disabled():
-        print(f"\nfault matrix: {len(MATRIX)} of {len(FAULTS)} faults tried through the executor path")
-        for fault_id, *_ in FAULTS:
-            error, message = MATRIX.get(fault_id, ("NOT RUN", ""))
-            print(f"  {fault_id:<42} {error:<20} {message}")
+    record_fault(f"worker: {fault_id[9:]}", f"{outcome.error}: {outcome.message}", True)

@@ -3,9 +3,13 @@
 Data sets by name (``load_dataset``):
 - ``cifar100`` / ``cifar10``: the original python-pickle layout (``cifar-100-python/``,
   ``cifar-10-batches-py/``), read here without torchvision's md5 check (re-packed
-  copies never match it) but with checks of shapes, dtypes, label ranges and counts;
+  copies never match it) but with checks of shapes, dtypes, label ranges and counts,
+  through an unpickler that builds only dicts, lists, strings, numbers and numpy arrays;
 - ``imagefolder:<folder>``: ``train/<class>/*`` and ``test/<class>/*`` images of
-  any size (resized to 32x32); the folder is absolute or relative to the data root;
+  any size (resized to 32x32), by torchvision's ImageFolder conventions (image files by
+  extension; other files, subfolders of a class folder and hidden entries are skipped
+  with a warning); the folder is absolute or relative to the data root. The decoded
+  arrays are cached under outputs/cache, keyed by the names, sizes and mtimes of the images;
 - ``synthetic``: generated from a seed, no files; classes grouped into super-classes
   whose members look alike, so confusion matrices have CIFAR-100-like blocks.
 
@@ -17,7 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import pickle
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -27,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from cdlib import paths
+from cdlib.errors import UserError
 
 
 @dataclass
@@ -39,7 +47,7 @@ class Batch:
     partner_logits: torch.Tensor | None = None  # CS-KD: gradient-free logits of the partners' images
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A data set is missing or malformed; the message says where we looked and what to do."""
 
 
@@ -71,13 +79,68 @@ _CIFAR = {
 CIFAR_COUNTS = {"train": 50000, "test": 10000}  # images in a complete copy
 
 
+# The globals a CIFAR python pickle names: numpy's array, dtype and scalar reconstruction, under
+# numpy 1.x's (numpy.core) and 2.x's (numpy._core) module paths; _frombuffer is how protocol 5
+# stores arrays, _codecs.encode how Python 3 stores bytes at protocol 2. Dicts, lists, strings and
+# numbers need no globals.
+_CIFAR_PICKLE_GLOBALS = frozenset(
+    [("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")]
+    + [(f"{core}.multiarray", name) for core in ("numpy.core", "numpy._core") for name in ("_reconstruct", "scalar")]
+    + [(f"{core}.numeric", "_frombuffer") for core in ("numpy.core", "numpy._core")])
+
+
+def _is_plain_dtype_state(state) -> bool:
+    """Whether ``state`` is what numpy pickles for a dtype of plain numbers: version 3, a byte order,
+    no sub-array, fields or metadata, and no flags (object dtypes have some)."""
+    return (type(state) is tuple and len(state) == 8 and state[0] == 3 and state[1] in ("<", ">", "|", "=")
+            and state[2:] == (None, None, None, -1, -1, 0))
+
+
+class _CifarUnpickler(pickle._Unpickler):
+    """Builds dicts, lists, strings, numbers and numpy arrays of plain numbers, nothing else.
+
+    A pickle may name any importable function to call while loading, so a crafted file could run
+    arbitrary code: every global outside ``_CIFAR_PICKLE_GLOBALS`` is refused. This is Python's own
+    (pure-Python) unpickler because it lets ``_checked_build`` see a dtype's state before numpy does:
+    numpy's ``dtype.__setstate__`` crashes the interpreter on some malformed states (one damaged byte
+    of a real CIFAR file can make one), which would hide which file was bad.
+    """
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="latin1")  # the original files are Python 2 pickles
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_PICKLE_GLOBALS:
+            raise DataError(f"{self.path} asks to load {module}.{name}, which no CIFAR pickle holds; loading it "
+                            f"could run arbitrary code, so it was refused. Replace the file with a fresh copy "
+                            f"of the original archive.")
+        return super().find_class(module, name)
+
+    def _checked_build(self):
+        obj, state = self.stack[-2], self.stack[-1]
+        if isinstance(obj, np.dtype) and not _is_plain_dtype_state(state):
+            raise DataError(f"{self.path} holds a numpy dtype state {repr(state)[:100]} that no CIFAR pickle "
+                            f"holds; the file is damaged or crafted. Replace it with a fresh copy of the "
+                            f"original archive.")
+        self.load_build()
+
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: _checked_build}
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as err:
-        raise DataError(f"cannot read {path}: {err}. The file is truncated or not a CIFAR pickle; "
-                        f"replace it with a fresh copy of the original archive.") from err
+            d = _CifarUnpickler(f, path).load()
+    except DataError:
+        raise
+    except Exception as err:  # a damaged pickle fails in many ways (EOFError, KeyError, TypeError, ...)
+        raise DataError(f"cannot read {path} ({type(err).__name__}: {err}). The file is truncated or not a "
+                        f"CIFAR pickle; replace it with a fresh copy of the original archive.") from err
+    if not isinstance(d, dict):
+        raise DataError(f"{path} holds a {type(d).__name__}, not the dict of a CIFAR pickle; replace it with "
+                        f"a fresh copy of the original archive.")
+    return d
 
 
 def read_cifar_split(path: Path, label_key: str, num_classes: int, expected: int | None = None):
@@ -150,28 +213,136 @@ def load_cifar(name: str, root: Path | None = None, download: bool = False) -> D
 
 # --------------------------------------------------------------------------- image folders
 
-def _read_folder_split(folder: Path, classes: list[str] | None, size: int):
+# The extensions torchvision's ImageFolder reads (torchvision.datasets.folder.IMG_EXTENSIONS),
+# written out so that importing this module does not import torchvision.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGEFOLDER_CACHE_VERSION = 2  # part of the cache key: bump it when decoding or the cached layout changes
+
+
+@dataclass
+class _SplitListing:
+    """What one split folder holds: its class folders and, in each, the image files to read."""
+    folder: Path
+    classes: list[str]
+    images: list[list[tuple[str, int, int]]]  # per class, sorted: (file name, size in bytes, mtime_ns)
+
+
+def _is_image_file(entry: os.DirEntry) -> bool:
+    return (not entry.name.startswith(".") and entry.name.lower().endswith(IMG_EXTENSIONS)
+            and entry.is_file())
+
+
+def _list_class_folder(folder: Path) -> tuple[list[tuple[str, int, int]], int]:
+    """The image files in ``folder`` as sorted (name, size, mtime_ns), and how many other entries it holds."""
+    images, skipped = [], 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if _is_image_file(entry):
+                stat = entry.stat()
+                images.append((entry.name, stat.st_size, stat.st_mtime_ns))
+            else:
+                skipped += 1
+    return sorted(images), skipped
+
+
+def _list_split(split: Path) -> _SplitListing:
+    """List ``split/<class>/<image>``, skipping (and warning about) whatever is not read.
+
+    Hidden entries (.DS_Store, .ipynb_checkpoints, macOS's ._* copies), files that are not images
+    by extension (Thumbs.db, notes.txt) and subfolders of a class folder are left by tools and
+    copies, not meant as data: they are skipped, with one warning per split that counts them.
+    """
+    if not split.is_dir():
+        raise DataError(f"image folder split {split} does not exist; expected <root>/train/<class>/* "
+                        f"and <root>/test/<class>/*.")
+    with os.scandir(split) as scan:
+        entries = sorted(scan, key=lambda entry: entry.name)
+    listing, skipped = _SplitListing(split, [], []), 0
+    for entry in entries:
+        if entry.name.startswith(".") or not entry.is_dir():
+            skipped += 1
+            continue
+        images, skipped_inside = _list_class_folder(split / entry.name)
+        listing.classes.append(entry.name)
+        listing.images.append(images)
+        skipped += skipped_inside
+    if not listing.classes:
+        raise DataError(f"{split} holds no class folders; expected {split}/<class>/<image>.")
+    if skipped:
+        noun = "entry" if skipped == 1 else "entries"
+        warnings.warn(f"skipped {skipped} {noun} in {split} that are hidden, subfolders of a class folder "
+                      f"or not images by extension ({', '.join(IMG_EXTENSIONS)}).")
+    return listing
+
+
+def _cache_key(folder: Path, size: int, splits: list[_SplitListing]) -> str:
+    """A hash of everything the decoded arrays depend on, so a changed image gives a new cache file."""
+    h = hashlib.sha256(repr((IMAGEFOLDER_CACHE_VERSION, str(folder.resolve()), size)).encode())
+    for split in splits:
+        for cls, files in zip(split.classes, split.images):
+            h.update(repr(f"{split.folder.name}/{cls}/").encode())  # a class folder counts even when empty
+            for name, nbytes, mtime_ns in files:
+                h.update(repr((f"{split.folder.name}/{cls}/{name}", nbytes, mtime_ns)).encode())
+    return h.hexdigest()[:16]
+
+
+def _read_image(path: Path, size: int) -> np.ndarray:
     from PIL import Image
 
-    if not folder.is_dir():
-        raise DataError(f"image folder split {folder} does not exist; expected <root>/train/<class>/* "
-                        f"and <root>/test/<class>/*.")
-    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    classes = classes or found
-    if found != classes:
-        raise DataError(f"{folder}: class folders {found} differ from the train split's {classes}.")
-    images, labels = [], []
-    for label, cls in enumerate(classes):
-        for f in sorted((folder / cls).iterdir()):
-            with Image.open(f) as im:
-                im = im.convert("RGB")
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.BILINEAR)
-                images.append(np.asarray(im, dtype=np.uint8))
-            labels.append(label)
-    if not images:
-        raise DataError(f"{folder} holds no images.")
-    return np.stack(images), np.asarray(labels, dtype=np.int64), classes
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except Exception as err:  # PIL's decoders fail in many ways (OSError, ValueError, SyntaxError, ...)
+        raise DataError(f"cannot decode image {path} ({type(err).__name__}: {err}); it is truncated or not "
+                        f"an image. Delete it or replace it with an intact copy.") from err
+
+
+def _labels(split: _SplitListing) -> np.ndarray:
+    """The label of each listed image, in listing order."""
+    return np.repeat(np.arange(len(split.classes), dtype=np.int64), [len(files) for files in split.images])
+
+
+def _read_folder_split(split: _SplitListing, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a listed split into (images (N, size, size, 3) uint8, labels (N,) int64)."""
+    images = []
+    for cls, files in zip(split.classes, split.images):
+        if not files:
+            raise DataError(f"class folder {split.folder / cls} holds no images ({', '.join(IMG_EXTENSIONS)}); "
+                            f"add its images or remove the folder.")
+        images += [_read_image(split.folder / cls / name, size) for name, _, _ in files]
+    return np.stack(images), _labels(split)
+
+
+def _read_cache(cache: Path, train: _SplitListing, test: _SplitListing, size: int) -> tuple[np.ndarray, ...]:
+    """(xtr, ytr, xte, yte) from the cache file; ValueError unless they are what the listings describe."""
+    with np.load(cache) as z:
+        xtr, ytr, xte, yte, classes = (z[k] for k in ("xtr", "ytr", "xte", "yte", "classes"))
+    if classes.tolist() != train.classes:
+        raise ValueError(f"classes {classes.tolist()} instead of {train.classes}")
+    for images, labels, split in ((xtr, ytr, train), (xte, yte, test)):
+        expected = _labels(split)
+        if (images.dtype != np.uint8 or images.shape != (len(expected), size, size, 3)
+                or labels.dtype != np.int64 or not np.array_equal(labels, expected)):
+            raise ValueError(f"{split.folder.name} arrays {images.dtype} {images.shape} and labels {labels.dtype} "
+                             f"{labels.shape} do not match the {len(expected)} listed images")
+    return xtr, ytr, xte, yte
+
+
+def _write_cache(cache: Path, **arrays: np.ndarray) -> None:
+    """Write an npz under a unique temporary name, then rename it: readers, and runs started at the
+    same time, see the old file or the complete new one, never a partial one."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f"{cache.stem}.", suffix=".tmp.npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, cache)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load_imagefolder(folder: Path, size: int = 32) -> Dataset:
@@ -182,19 +353,25 @@ def load_imagefolder(folder: Path, size: int = 32) -> Dataset:
     if not folder.is_dir():
         raise DataError(f"image folder {folder} not found. Give an absolute path or one relative to the "
                         f"data root {paths.data_root()} (set CDLIB_DATA to change it).")
-    key = hashlib.sha256(f"{folder.resolve()}:{size}".encode()).hexdigest()[:12]
-    cache = paths.outputs() / "cache" / f"imagefolder-{key}.npz"
+    train, test = _list_split(folder / "train"), _list_split(folder / "test")
+    if test.classes != train.classes:
+        raise DataError(f"{test.folder}: class folders {test.classes} differ from the train split's "
+                        f"{train.classes}; make both splits hold the same class folders.")
+    cache = paths.outputs() / "cache" / f"imagefolder-{_cache_key(folder, size, [train, test])}.npz"
     if cache.is_file():
-        z = np.load(cache)
-        classes = [str(c) for c in z["classes"]]
-        return Dataset(folder.name, z["xtr"], z["ytr"], z["xte"], z["yte"], classes)
-    xtr, ytr, classes = _read_folder_split(folder / "train", None, size)
-    xte, yte, _ = _read_folder_split(folder / "test", classes, size)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, xtr=xtr, ytr=ytr, xte=xte, yte=yte, classes=np.array(classes))
-    tmp.replace(cache)
-    return Dataset(folder.name, xtr, ytr, xte, yte, classes)
+        try:
+            return Dataset(folder.name, *_read_cache(cache, train, test, size), train.classes)
+        except Exception as err:  # the cache is derived data: whatever is wrong with it, rebuild it
+            warnings.warn(f"image-folder cache {cache} is damaged ({type(err).__name__}: {err}); "
+                          f"rebuilding it from {folder}.")
+    xtr, ytr = _read_folder_split(train, size)
+    xte, yte = _read_folder_split(test, size)
+    try:
+        _write_cache(cache, xtr=xtr, ytr=ytr, xte=xte, yte=yte, classes=np.array(train.classes))
+    except OSError as err:  # the cache only saves time: a full disk must not stop the run
+        warnings.warn(f"could not write the image-folder cache {cache} ({err.strerror or err}); {folder} will "
+                      f"be decoded again next time.")
+    return Dataset(folder.name, xtr, ytr, xte, yte, train.classes)
 
 
 # --------------------------------------------------------------------------- synthetic

@@ -3,8 +3,15 @@
 ``train(configs, run_dirs, data=...)`` reads top to bottom: build each run (a
 ``Member``: network, SGD, generator, objective, per-epoch confusions), resume it from
 its run folder's checkpoint, then per epoch train, evaluate, let each objective update
-its state, append a line to each ``metrics.jsonl`` and write each checkpoint
-atomically; at the end write the final artefacts. ``fit(config, run_dir)`` is N = 1.
+its state, rewrite each ``metrics.jsonl`` and write each checkpoint; at the end
+write the final artefacts. ``fit(config, run_dir)`` is N = 1.
+
+Every file goes to a temporary name first and is then renamed (``util.atomic_write``),
+so a process killed at any byte leaves each file whole, old or new. The checkpoint
+holds everything a resume needs, the metrics history included: ``metrics.jsonl`` is
+a view of it, rewritten from it on resume (lines written after the last checkpoint
+are dropped and redone). A write that fails for lack of space stops the run with a
+``StoreError`` and leaves the last good checkpoint.
 
 The engine runs every forward pass (objectives score logits, ``cdlib.core.objectives``):
 the student's, CS-KD's gradient-free partner pass and the KD teacher's. How the members
@@ -52,13 +59,21 @@ from cdlib.core.config import TrainConfig
 from cdlib.core.data import Batch, DeviceData, load_dataset
 from cdlib.core.models import build_model
 from cdlib.core.objectives import EpochEnd, make_objective
-from cdlib.core.util import add_counts, atomic_save, atomic_save_all, atomic_write_text, progress, resolve_device
+from cdlib.core.util import (add_counts, atomic_save, atomic_write, atomic_write_all, atomic_write_text, progress,
+                             read_json, resolve_device)
+from cdlib.errors import ConfigError, StoreError, UserError
 
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = 2  # 2: the checkpoint carries the metrics history; 1 (no "format" field): it did not
+CHECKPOINT_KEYS = ("config", "epoch", "model", "optimizer", "objective", "train_confusions", "test_confusions",
+                   "torch_rng")
 SYNC_EVERY = 100  # steps between host checks for a non-finite loss
 STRATEGIES = ("eager", "compiled", "fused")
 # Fields in which runs trained together may differ; everything else is the shared recipe.
 VARYING_FIELDS = ("name", "seed", "objective_args")
+# What to do about a damaged file of a finished run: its other files are finished work, never deleted.
+FINISHED_FILE_ADVICE = ("The run's other files are untouched. Restore the file from a backup, or move the run folder "
+                        "away to train the run again.")
 
 
 def default_strategy(device=None) -> str:
@@ -67,8 +82,12 @@ def default_strategy(device=None) -> str:
     return "eager"
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     pass
+
+
+class CheckpointError(StoreError):
+    """A checkpoint cannot be resumed: damaged, unsafe, another run's, another device's or version's."""
 
 
 class MembersDivergedError(NonFiniteLossError):
@@ -112,7 +131,7 @@ def check_recipe(configs: Sequence[TrainConfig]) -> None:
     for c in configs[1:]:
         diff = {k: (ref[k], v) for k, v in c.to_dict().items() if k not in VARYING_FIELDS and ref[k] != v}
         if diff:
-            raise ValueError(
+            raise ConfigError(
                 f"runs trained together may differ only in {', '.join(VARYING_FIELDS)}; {c.run_id()} differs "
                 f"from {configs[0].run_id()} in {diff} (first, second). Train them in separate calls "
                 f"(runs.get_or_train_many groups them for you).")
@@ -148,25 +167,35 @@ class Member:
                                  f"pass teachers={{{name!r}: network}} (the run store loads it: runs.load_teachers)")
             self.teacher = teachers[name]
         self.epoch = 0
+        self.history: list[dict] = []  # one metrics record per finished epoch
         C = data.num_classes
         # Per-epoch confusion counts, kept on the host for checkpoints (300 epochs x 100 x 100 int32 = 12 MB).
         self.train_confusions = torch.zeros(config.epochs, C, C, dtype=torch.int32)
         self.test_confusions = torch.zeros(config.epochs, C, C, dtype=torch.int32)
 
     def checkpoint(self, model_state: dict, optimizer_state: dict, device: torch.device) -> dict:
-        return {"config": self.config.to_dict(), "epoch": self.epoch, "model": model_state,
+        return {"format": CHECKPOINT_FORMAT, "config": self.config.to_dict(), "epoch": self.epoch,
+                "history": self.history, "model": model_state,
                 "optimizer": optimizer_state, "objective": self.objective.state_dict(),
                 "train_confusions": self.train_confusions, "test_confusions": self.test_confusions,
                 "torch_rng": self.torch_rng, "device_type": device.type}
 
-    def load(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.objective.load_state_dict(state["objective"])
-        self.train_confusions.copy_(state["train_confusions"])
-        self.test_confusions.copy_(state["test_confusions"])
+    def load(self, state: dict, run_dir: Path) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.objective.load_state_dict(state["objective"])
+            self.train_confusions.copy_(state["train_confusions"])
+            self.test_confusions.copy_(state["test_confusions"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as err:  # another network, objective or version
+            raise CheckpointError(
+                f"checkpoint {run_dir / CHECKPOINT} does not fit run {self.config.run_id()} "
+                f"({type(err).__name__}: {' '.join(str(err).split())[:300]}); it was written by another version "
+                f"of cdlib or altered. Delete it to restart the run from scratch, or resume it with the cdlib "
+                f"that wrote it.") from err
         self.torch_rng = state["torch_rng"]
         self.epoch = int(state["epoch"])
+        self.history = state["history"] if "history" in state else history_from_metrics(run_dir, self.epoch)
 
 
 # --------------------------------------------------------------------------- strategies
@@ -418,59 +447,83 @@ class Engine:
 # --------------------------------------------------------------------------- run folders
 
 def load_checkpoint(path: Path, config: TrainConfig | None = None, device=None) -> dict:
-    """Load a checkpoint safely (tensors and plain values only) and check it belongs to ``config``
-    and, when ``device`` is given, to that device type."""
+    """Load a checkpoint safely (tensors and plain values only) and check, before any use, that it
+    is complete, of a format this cdlib reads, ``config``'s, and when ``device`` is given, of that
+    device type."""
+    run = f"run {Path(path).parent.name}"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # weights_only refused an arbitrary Python object
-        raise RuntimeError(
-            f"cannot load checkpoint {path}: it holds Python objects other than tensors and plain values, "
+        raise CheckpointError(
+            f"cannot load checkpoint {path} of {run}: it holds Python objects other than tensors and plain values, "
             f"and loading it could run arbitrary code, so it was refused ({str(err).splitlines()[-1][:200]}). "
             f"cdlib never writes such files: delete it (the run restarts from scratch) unless you trust its "
             f"source.") from err
     except Exception as err:  # truncated or corrupted archive
-        raise RuntimeError(
-            f"cannot load checkpoint {path}: {type(err).__name__}: {str(err)[:300]}. If the file is truncated, "
-            f"delete it to restart that run from scratch (other runs are unaffected); never load checkpoints "
-            f"from untrusted sources.") from err
+        raise CheckpointError(
+            f"cannot load checkpoint {path} of {run}: {type(err).__name__}: {str(err)[:300]}. The file is "
+            f"truncated or damaged (a copy that stopped, a full disk, another program): delete it to restart that "
+            f"run from scratch (other runs are unaffected); never load checkpoints from untrusted sources.") from err
+    state = state if isinstance(state, dict) else {}
     if config is not None and state.get("config") != config.to_dict():
-        raise RuntimeError(
+        raise CheckpointError(
             f"checkpoint {path} was written for another config ({state.get('config')}), not {config.to_dict()}. "
             f"Move it away or delete it; it will not be resumed.")
     written_on = state.get("device_type", "cpu")  # checkpoints before this field was added came from CPUs
     if device is not None and written_on != torch.device(device).type:
-        raise RuntimeError(
+        raise CheckpointError(
             f"checkpoint {path} was written on {written_on} and cannot resume exactly on "
             f"{torch.device(device).type}: random generators, optimiser flags and memory layouts differ between "
             f"devices. Resume it on a {written_on} device, or delete it to restart the run on this one.")
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    if missing or state.get("format", 1) > CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path} of {run} is not one this cdlib can resume (format {state.get('format', 1)}, this "
+            f"cdlib writes {CHECKPOINT_FORMAT}; missing {missing}). Resume it with the cdlib that wrote it, or "
+            f"delete it to restart the run.")
     return state
 
 
-def read_history(run_dir: Path, epochs: int) -> list[dict]:
-    """The ``metrics.jsonl`` lines of the first ``epochs`` epochs; later ones (written after the
-    last checkpoint, before a crash) are dropped from the file and redone."""
+def history_from_metrics(run_dir: Path, epochs: int) -> list[dict]:
+    """The first ``epochs`` lines of ``metrics.jsonl``, for checkpoints of format 1 (which lack the history)."""
     path = run_dir / "metrics.jsonl"
-    history = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-    history = history[:epochs]
-    atomic_write_text(path, "".join(json.dumps(h) + "\n" for h in history))
+    try:
+        history = [json.loads(line) for line in path.read_text().splitlines()[:epochs]]
+    except (OSError, ValueError) as err:
+        raise StoreError(f"cannot read {path} of run {run_dir.name} ({err}), which this run's older checkpoint "
+                         f"needs. Delete {CHECKPOINT} to restart the run from scratch.") from err
+    if len(history) < epochs:
+        raise StoreError(f"{path} of run {run_dir.name} has {len(history)} lines, but its older checkpoint stands at "
+                         f"epoch {epochs}. Delete {CHECKPOINT} to restart the run from scratch.")
     return history
 
 
-def _finish(engine: Engine, run_dirs: list[Path], histories: list[list[dict]], start: float) -> list[dict]:
-    """Write each member's final artefacts; ``summary.json`` last, atomically: it marks a finished run."""
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    """``metrics.jsonl``: one line per finished epoch, rewritten whole so a kill never tears a line."""
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+
+
+def remove_leftover_checkpoint(run_dir: Path) -> None:
+    """A finished run's checkpoint is left by a kill between its summary and the checkpoint's removal."""
+    with contextlib.suppress(OSError):  # tidying only: a read-only store still serves its runs
+        (run_dir / CHECKPOINT).unlink(missing_ok=True)
+
+
+def _finish(engine: Engine, run_dirs: list[Path], start: float) -> list[dict]:
+    """Write each member's final artefacts; ``summary.json`` last: it marks a finished run."""
     finals = engine.evaluate(return_logits=True)
     summaries = []
-    for m, (model_state, _), run_dir, history, final in zip(engine.members, engine.states(), run_dirs, histories,
-                                                            finals):
-        np.save(run_dir / "test_logits.npy", final["logits"].cpu().numpy())
-        np.savez_compressed(run_dir / "confusions.npz", train=m.train_confusions.numpy(),
-                            test=m.test_confusions.numpy())
+    for m, (model_state, _), run_dir, final in zip(engine.members, engine.states(), run_dirs, finals):
+        logits = final["logits"].cpu().numpy()
+        atomic_write(run_dir / "test_logits.npy", lambda f: np.save(f, logits))
+        atomic_write(run_dir / "confusions.npz", lambda f: np.savez_compressed(
+            f, train=m.train_confusions.numpy(), test=m.test_confusions.numpy()))
         atomic_save(model_state, run_dir / "model.pt")
-        best = max(history, key=lambda h: h["test_top1"])
+        best = max(m.history, key=lambda h: h["test_top1"])
         summary = {
             "run_id": m.config.run_id(), "num_classes": engine.data.num_classes, "final_top1": final["test_top1"],
             "final_top5": final["test_top5"], "best_top1": best["test_top1"], "best_top5": best["test_top5"],
-            "best_epoch": best["epoch"], "train_seconds": sum(h["seconds"] for h in history),
+            "best_epoch": best["epoch"], "train_seconds": sum(h["seconds"] for h in m.history),
             "device": str(engine.device), "torch": torch.__version__,
             "seconds_this_session": time.perf_counter() - start, "group_size": engine.n,
         }
@@ -484,7 +537,8 @@ def _train_from(members: list[Member], run_dirs: list[Path], data: DeviceData, d
                 strategy: str, show_progress: bool) -> list[dict]:
     """Train members that stand at the same epoch to the end; raises MemberFailure."""
     engine = Engine(members, data, device, strategy)
-    histories = [read_history(d, engine.epoch) for d in run_dirs]
+    for m, run_dir in zip(members, run_dirs):  # drops lines written after the checkpoint, before a kill
+        write_metrics(run_dir, m.history)
     config = engine.config
     start = time.perf_counter()
     desc = config.run_id() if engine.n == 1 else f"{config.name} x{engine.n} ({strategy})"
@@ -499,21 +553,20 @@ def _train_from(members: list[Member], run_dirs: list[Path], data: DeviceData, d
             m.test_confusions[e] = results[k]["confusion"].cpu().int()
             m.objective.end_epoch(EpochEnd(e, engine.last_train_confusions[k], results[k]["confusion"]))
         seconds = time.perf_counter() - epoch_start
-        for run_dir, history, train_record, result in zip(run_dirs, histories, train_records, results):
-            record = {"epoch": e + 1, **train_record,
-                      **{k: result[k] for k in ("test_loss", "test_top1", "test_top5")},
-                      "seconds": seconds, "group_size": engine.n}
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            history.append(record)
         engine.epoch += 1
-        for m in members:
+        for m, run_dir, train_record, result in zip(members, run_dirs, train_records, results):
             m.epoch = engine.epoch
+            m.history.append({"epoch": e + 1, **train_record,
+                              **{k: result[k] for k in ("test_loss", "test_top1", "test_top5")},
+                              "seconds": seconds, "group_size": engine.n})
+            write_metrics(run_dir, m.history)
         # All members' checkpoints at once: runs left at different epochs would resume apart, and a
         # fused group of another size sums in another order (equal to rounding, not bitwise).
-        atomic_save_all([(m.checkpoint(model_state, optimizer_state, device), run_dir / CHECKPOINT)
-                         for m, (model_state, optimizer_state), run_dir in zip(members, engine.states(), run_dirs)])
-    return _finish(engine, run_dirs, histories, start)
+        checkpoints = [m.checkpoint(model_state, optimizer_state, device)
+                       for m, (model_state, optimizer_state) in zip(members, engine.states())]
+        atomic_write_all([(run_dir / CHECKPOINT, lambda f, c=c: torch.save(c, f))
+                          for run_dir, c in zip(run_dirs, checkpoints)])
+    return _finish(engine, run_dirs, start)
 
 
 def train(configs: Sequence[TrainConfig], run_dirs: Sequence[str | Path], *, data: DeviceData | None = None,
@@ -546,14 +599,15 @@ def train(configs: Sequence[TrainConfig], run_dirs: Sequence[str | Path], *, dat
     for i, d in enumerate(run_dirs):
         d.mkdir(parents=True, exist_ok=True)
         if (d / "summary.json").is_file():
-            summaries[i] = json.loads((d / "summary.json").read_text())
+            summaries[i] = read_json(d / "summary.json", FINISHED_FILE_ADVICE)
+            remove_leftover_checkpoint(d)
     while pending := [i for i in range(len(configs)) if i not in summaries and i not in failures]:
         members = {}
         for i in pending:
             members[i] = Member(configs[i], data, device, teachers)
             path = run_dirs[i] / CHECKPOINT
             if path.is_file():
-                members[i].load(load_checkpoint(path, configs[i], device))
+                members[i].load(load_checkpoint(path, configs[i], device), run_dirs[i])
         # Members at different epochs (a kill between two checkpoint writes) train apart, the lowest first.
         epoch = min(m.epoch for m in members.values())
         chosen = [i for i in pending if members[i].epoch == epoch]

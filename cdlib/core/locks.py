@@ -32,14 +32,18 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from cdlib.errors import StoreError, UserError
+
 LOCK = "lock.json"
 HEARTBEAT_S = 30.0      # how often a training worker touches its lock
 STALE_AFTER_S = 300.0   # a lock not touched for this long belongs to a dead worker (allows clock skew)
 BREAK_STALE_S = 60.0    # a take-over mutex older than this was left by a worker that died while breaking
 POLL_S = 5.0            # how often a worker waiting for another one's run looks again
+UNREADABLE_STALE_S = 10.0  # an unreadable lock this old is damaged, not being written (that takes microseconds)
+UNKNOWN = "?"           # the host of a lock file that cannot be read
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError, RuntimeError):
     """The run is being trained by another live worker (raised when ``on_locked="skip"``)."""
 
     def __init__(self, folder: Path, owner: "LockInfo"):
@@ -48,11 +52,11 @@ class RunLockedError(RuntimeError):
                          f"It will be finished there; rerun later to load it.")
 
 
-class RunStoreError(RuntimeError):
+class RunStoreError(StoreError):
     """The run store cannot be written (permissions, read-only or full file system)."""
 
 
-class LockLostError(RuntimeError):
+class LockLostError(UserError, RuntimeError):
     """Another worker took this worker's lock over while it was training."""
 
 
@@ -91,6 +95,8 @@ class LockInfo:
 
     def describe(self, now: float | None = None) -> str:
         age = (now or time.time()) - self.heartbeat
+        if self.host == UNKNOWN:
+            return f"an unreadable lock file (being written, or damaged; modified {age:.0f} s ago)"
         job = f", job {self.job}" if self.job else ""
         return (f"{self.host} pid {self.pid}{job} (since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.started))}, "
                 f"heartbeat {age:.0f} s ago)")
@@ -110,7 +116,7 @@ def read_lock(folder: Path) -> LockInfo | None:
             mtime = path.stat().st_mtime
         except FileNotFoundError:
             return None
-        return LockInfo("?", -1, "", "", mtime, "", heartbeat=mtime)
+        return LockInfo(UNKNOWN, -1, "", "", mtime, "", heartbeat=mtime)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -126,6 +132,8 @@ def _pid_alive(pid: int) -> bool:
 def stale_reason(owner: LockInfo, now: float | None = None) -> str | None:
     """Why ``owner``'s lock may be taken over, or None if the owner may still be training."""
     now = now or time.time()
+    if owner.host == UNKNOWN and now - owner.heartbeat > UNREADABLE_STALE_S:
+        return f"the lock file cannot be read and is {now - owner.heartbeat:.0f} s old: it is damaged"
     if owner.same_host() and owner.pid > 0 and not _pid_alive(owner.pid):
         return f"its process {owner.pid} on this host is gone"
     if owner.job and owner.job == JOB_KEY and (owner.host, owner.pid) != (socket.gethostname(), os.getpid()):
@@ -162,7 +170,7 @@ class RunLock:
             if self._break(owner):
                 print(f"taking over run {self.folder.name}: the lock of {owner.describe()} is stale ({reason})",
                       file=sys.stderr, flush=True)
-        return read_lock(self.folder) or LockInfo("?", -1, "", "", time.time(), "", time.time())
+        return read_lock(self.folder) or LockInfo(UNKNOWN, -1, "", "", time.time(), "", time.time())
 
     def _create(self) -> bool:
         tmp = self.folder / f".{LOCK}.{self.info.token}"
@@ -245,6 +253,13 @@ class RunLock:
         if self.lost_to is not None and exc_type is KeyboardInterrupt:
             raise LockLostError(f"run {self.folder.name} was taken over by another worker while this one trained "
                                 f"(this worker's heartbeat had stopped); that worker finishes it.") from exc
+
+
+def clear_stale(folder: Path) -> None:
+    """Remove ``folder``'s lock if its owner is gone (left by a worker killed after finishing the run)."""
+    owner = read_lock(folder)
+    if owner is not None and stale_reason(owner):
+        RunLock(folder)._break(owner)
 
 
 def claim(folder: Path, on_locked: str = "wait", poll_s: float | None = None) -> RunLock:

@@ -39,7 +39,10 @@ needs), and register it in ``OBJECTIVES`` under the name used in
 """
 from __future__ import annotations
 
+import inspect
 import itertools
+import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from cdlib.core.data import Batch
+from cdlib.errors import ConfigError
 
 
 @dataclass
@@ -63,6 +67,9 @@ class Objective:
 
     name = "base"
     extra_forwards: tuple[str, ...] = ()  # "teacher" and/or "partner", see the module doc
+
+    def check(self, config) -> None:
+        """Raise ``ConfigError`` if the objective cannot train ``config`` (run when the config is made)."""
 
     def setup(self, config, train_labels: torch.Tensor, num_classes: int) -> None:
         """``config``: the run's TrainConfig; ``train_labels`` on the training device."""
@@ -113,6 +120,17 @@ def soft_loss(target: torch.Tensor, logits: torch.Tensor, T: float = 1.0, *, kl:
     return T * T * per_sample.mean()
 
 
+def in_range(objective: str, name: str, value, low: float, high: float = math.inf, *,
+             low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` if it is a number in the range, else a ``ConfigError`` naming the argument."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open or high == math.inf else ']'}"
+        raise ConfigError(f"objective {objective!r}: {name} must be a number in {bounds}, got {value!r}")
+    return value
+
+
 def smoothing_matrix(num_classes: int, eps: float, device=None) -> torch.Tensor:
     """(C, C) label-smoothing targets S = (1 - eps) I + eps / C, row k for class k (float64)."""
     S = torch.full((num_classes, num_classes), eps / num_classes, dtype=torch.float64, device=device)
@@ -139,7 +157,7 @@ class LabelSmoothing(Objective):
     name = "ls"
 
     def __init__(self, eps: float = 0.1):
-        self.eps = eps
+        self.eps = in_range(self.name, "eps", eps, 0, 1, high_open=True)
 
     def loss(self, logits, batch, epoch):
         return F.cross_entropy(logits.float(), batch.labels, label_smoothing=self.eps)
@@ -161,8 +179,11 @@ class KnowledgeDistillation(Objective):
     extra_forwards = ("teacher",)
 
     def __init__(self, teacher: str, T: float = 2.0, w_kd: float = 0.85, w_ce: float = 0.15):
+        if not isinstance(teacher, str) or not teacher:
+            raise ConfigError(f"objective 'kd': teacher must name a run (its run id or folder), got {teacher!r}")
         self.teacher = teacher
-        self.T, self.w_kd, self.w_ce = T, w_kd, w_ce
+        self.T = in_range(self.name, "T", T, 0, low_open=True)
+        self.w_kd, self.w_ce = in_range(self.name, "w_kd", w_kd, 0), in_range(self.name, "w_ce", w_ce, 0)
 
     def loss(self, logits, batch, epoch):
         target = F.softmax(batch.teacher_logits.detach().float() / self.T, dim=1)
@@ -187,7 +208,9 @@ class TfKDReg(Objective):
     name = "tfkd_reg"
 
     def __init__(self, T: float = 20.0, a: float = 0.1, correct_prob: float = 0.99):
-        self.T, self.a, self.correct_prob = T, a, correct_prob
+        self.T = in_range(self.name, "T", T, 0, low_open=True)
+        self.a = in_range(self.name, "a", a, 0, 1)
+        self.correct_prob = in_range(self.name, "correct_prob", correct_prob, 0, 1, low_open=True, high_open=True)
 
     def loss(self, logits, batch, epoch):
         K = logits.shape[1]
@@ -216,7 +239,7 @@ class CSKD(Objective):
     extra_forwards = ("partner",)
 
     def __init__(self, T: float = 4.0, lam: float = 1.0):
-        self.T, self.lam = T, lam
+        self.T, self.lam = in_range(self.name, "T", T, 0, low_open=True), in_range(self.name, "lam", lam, 0)
 
     def setup(self, config, train_labels, num_classes):
         # Training indices sorted by class: class k owns order[start[k] : start[k] + size[k]],
@@ -250,7 +273,7 @@ class PSKD(Objective):
     name = "pskd"
 
     def __init__(self, alpha_T: float = 0.8):
-        self.alpha_T = alpha_T
+        self.alpha_T = in_range(self.name, "alpha_T", alpha_T, 0, 1)
 
     def setup(self, config, train_labels, num_classes):
         self.epochs = config.epochs
@@ -292,11 +315,14 @@ def resolve_cd_schedule(schedule: str | list[int]) -> list[int]:
     """A preset name from ``CD_SCHEDULES`` or a list of positive segment lengths -> the list."""
     if isinstance(schedule, str):
         if schedule not in CD_SCHEDULES:
-            raise ValueError(f"unknown CD schedule {schedule!r}; presets: {sorted(CD_SCHEDULES)}")
+            raise ConfigError(f"unknown CD schedule {schedule!r}; presets: {sorted(CD_SCHEDULES)}")
         return list(CD_SCHEDULES[schedule])
+    whole = isinstance(schedule, (list, tuple)) and all(isinstance(s, numbers.Integral) and not isinstance(s, bool)
+                                                        for s in schedule)
+    if not whole or not schedule or min(schedule) < 1:
+        raise ConfigError(f"a CD schedule is a preset name or a non-empty list of positive whole epochs, "
+                          f"got {schedule!r}")
     segments = [int(s) for s in schedule]
-    if not segments or any(s < 1 or s != r for s, r in zip(segments, schedule)):
-        raise ValueError(f"a CD schedule is a non-empty list of positive whole epochs, got {schedule!r}")
     return segments
 
 
@@ -362,23 +388,28 @@ class ConfusionDistillation(Objective):
                  allow_test_leak: bool = False, T: float = 2.0, w_soft: float = 0.7, w_ce: float = 0.3,
                  mu: float = 0.9, eps: float = 0.1):
         if source not in self.SOURCES:
-            raise ValueError(f"CD source must be one of {self.SOURCES}, got {source!r}")
+            raise ConfigError(f"CD source must be one of {self.SOURCES}, got {source!r}")
         if targets not in self.TARGETS:
-            raise ValueError(f"CD targets must be one of {self.TARGETS}, got {targets!r}")
+            raise ConfigError(f"CD targets must be one of {self.TARGETS}, got {targets!r}")
         if source == "test" and not allow_test_leak:
-            raise ValueError(
+            raise ConfigError(
                 "CD with source='test' builds the training targets from the test split's confusion "
                 "matrix, so test labels leak into training and test accuracy is no longer a held-out "
                 "measurement. It only exists to reproduce the released code; pass allow_test_leak=True "
                 "to select it knowingly, or use source='train'.")
         self.schedule = resolve_cd_schedule(schedule)
         self.source, self.targets = source, targets
-        self.T, self.w_soft, self.w_ce, self.mu, self.eps = T, w_soft, w_ce, mu, eps
+        self.T = in_range(self.name, "T", T, 0, low_open=True)
+        self.w_soft, self.w_ce = in_range(self.name, "w_soft", w_soft, 0), in_range(self.name, "w_ce", w_ce, 0)
+        self.mu = in_range(self.name, "mu", mu, 0, 1, high_open=True)
+        self.eps = in_range(self.name, "eps", eps, 0, 1)
+
+    def check(self, config):
+        if sum(self.schedule) != config.epochs:
+            raise ConfigError(f"CD schedule {self.schedule} covers {sum(self.schedule)} epochs, "
+                              f"the run has {config.epochs}")
 
     def setup(self, config, train_labels, num_classes):
-        if sum(self.schedule) != config.epochs:
-            raise ValueError(f"CD schedule {self.schedule} covers {sum(self.schedule)} epochs, "
-                             f"the run has {config.epochs}")
         if self.source == "test":
             warnings.warn("Confusion Distillation with source='test': the EMA targets are built from "
                           "test-set predictions and labels (test labels leak into training), as in the "
@@ -463,6 +494,16 @@ OBJECTIVES: dict[str, type[Objective]] = {
 
 
 def make_objective(name: str, args: dict[str, Any] | None = None) -> Objective:
+    """The objective ``name`` with keyword arguments ``args``; unknown, missing or out-of-range
+    arguments raise a ``ConfigError`` that lists the accepted ones."""
     if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; known: {sorted(OBJECTIVES)}")
-    return OBJECTIVES[name](**(args or {}))
+        raise ConfigError(f"unknown objective {name!r}; known: {sorted(OBJECTIVES)}")
+    cls, args = OBJECTIVES[name], dict(args or {})
+    signature = inspect.signature(cls)
+    try:
+        signature.bind(**args)
+    except TypeError as err:
+        accepted = ", ".join(f"{p.name}" + ("" if p.default is p.empty else f"={p.default!r}")
+                             for p in signature.parameters.values())
+        raise ConfigError(f"objective {name!r}: {err}; it accepts ({accepted or 'no arguments'})") from err
+    return cls(**args)

@@ -41,41 +41,64 @@ from cdlib.core import engine, locks
 from cdlib.core.config import TrainConfig
 from cdlib.core.data import DeviceData, load_dataset
 from cdlib.core.models import build_model
-from cdlib.core.util import atomic_write_text, resolve_device
+from cdlib.core.util import atomic_write_text, read_json, resolve_device
+from cdlib.errors import ArgumentParser, ConfigError, StoreError, UserError, read_json_file
 
 FAILED = "failed.json"
 ATTEMPTS = "attempts.jsonl"
 
 
-class ConfigMismatchError(RuntimeError):
+class ConfigMismatchError(StoreError):
+    pass
+
+
+class RunNotFoundError(UserError, FileNotFoundError):
     pass
 
 
 @dataclass
 class Run:
-    """A finished run in the store."""
+    """A finished run in the store. A file that cannot be read raises a ``StoreError`` naming it."""
     dir: Path
     config: TrainConfig
 
+    def _read(self, name: str, reader):
+        try:
+            return reader(self.dir / name)
+        except StoreError:
+            raise
+        except Exception as err:  # truncated, not the format, or altered by another program
+            raise StoreError(f"cannot read {self.dir / name} of run {self.dir.name} ({type(err).__name__}: "
+                             f"{' '.join(str(err).split())[:300]}). Nothing was changed. "
+                             f"{engine.FINISHED_FILE_ADVICE}") from err
+
     @cached_property
     def summary(self) -> dict:
-        return json.loads((self.dir / "summary.json").read_text())
+        return read_json(self.dir / "summary.json", engine.FINISHED_FILE_ADVICE)
 
     @cached_property
     def metrics(self) -> pd.DataFrame:
-        return pd.read_json(self.dir / "metrics.jsonl", lines=True)
+        def read(path):
+            frame = pd.read_json(path, lines=True)
+            if list(frame.get("epoch", [])) != list(range(1, self.config.epochs + 1)):
+                raise ValueError(f"it holds epochs {list(frame.get('epoch', []))[:5]}..., not 1..{self.config.epochs}")
+            return frame
+        return self._read("metrics.jsonl", read)
 
     def test_logits(self) -> np.ndarray:
-        return np.load(self.dir / "test_logits.npy")
+        return self._read("test_logits.npy", np.load)
 
     def confusions(self, split: str = "test") -> np.ndarray:
         """(epochs, C, C) confusion counts after each epoch, on ``test`` or the ``train`` batches."""
-        with np.load(self.dir / "confusions.npz") as z:
-            return z[split]
+        def read(path):
+            with np.load(path) as z:
+                return z[split]
+        return self._read("confusions.npz", read)
 
     def load_model(self, device="cpu") -> torch.nn.Module:
         model = build_model(self.config.arch, self.summary["num_classes"], self.config.width)
-        model.load_state_dict(torch.load(self.dir / "model.pt", map_location="cpu", weights_only=True))
+        self._read("model.pt", lambda path: model.load_state_dict(
+            torch.load(path, map_location="cpu", weights_only=True)))
         return model.to(device).eval()
 
 
@@ -87,11 +110,19 @@ def is_finished(folder: Path) -> bool:
     return (Path(folder) / "summary.json").is_file()
 
 
+def _tidy(folder: Path) -> None:
+    """Remove what a worker killed after finishing a run leaves behind: its checkpoint and its lock."""
+    engine.remove_leftover_checkpoint(folder)
+    with contextlib.suppress(OSError):  # a read-only store still serves its runs
+        locks.clear_stale(folder)
+
+
 def _check_stored_config(folder: Path, config: TrainConfig) -> None:
     stored_path = folder / "config.json"
     if not stored_path.is_file():
         return
-    stored = json.loads(stored_path.read_text())
+    stored = read_json(stored_path, f"The folder's name fixes its config, so if it is the run {folder.name} you "
+                                    f"meant, delete config.json and it is written again; else move the folder away.")
     if stored != config.to_dict():
         diff = {k: (stored.get(k), v) for k, v in config.to_dict().items() if stored.get(k) != v}
         raise ConfigMismatchError(
@@ -100,9 +131,28 @@ def _check_stored_config(folder: Path, config: TrainConfig) -> None:
 
 
 def load_teachers(configs: Iterable[TrainConfig], device=None, root: Path | None = None) -> dict[str, torch.nn.Module]:
-    """The KD teachers the configs name (``objective_args["teacher"]``: a run id or folder), loaded once each."""
-    names = {c.objective_args["teacher"] for c in configs if "teacher" in c.objective_args}
-    return {name: find_run(name, root).load_model(resolve_device(device)) for name in sorted(names)}
+    """The KD teachers the configs name (``objective_args["teacher"]``: a run id or folder), loaded once
+    each, after checking that each is a finished run of its students' data set."""
+    students: dict[str, list[TrainConfig]] = {}
+    for c in configs:
+        if "teacher" in c.objective_args:
+            students.setdefault(c.objective_args["teacher"], []).append(c)
+    teachers = {}
+    for name, of in sorted(students.items()):
+        try:
+            teacher = find_run(name, root)
+        except UserError as err:
+            raise type(err)(f"KD teacher {name} of {of[0].run_id()}: {err}") from err
+        for student in of:
+            if teacher.config.dataset != student.dataset:
+                raise ConfigError(f"KD teacher {name} was trained on {teacher.config.dataset!r}, but its student "
+                                  f"{student.run_id()} trains on {student.dataset!r}; name a teacher of that data set.")
+        try:
+            teachers[name] = teacher.load_model(resolve_device(device))
+        except StoreError as err:
+            raise StoreError(f"KD teacher {name} of {of[0].run_id()} cannot be loaded: {err} The student was not "
+                             f"started.") from err
+    return teachers
 
 
 def _prepare(folder: Path, config: TrainConfig) -> None:
@@ -124,6 +174,7 @@ def get_or_train(config: TrainConfig, device=None, data_root=None, progress: boo
     folder = run_dir(config, root)
     _check_stored_config(folder, config)
     if is_finished(folder):
+        _tidy(folder)
         return Run(folder, config)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -145,10 +196,22 @@ def get_or_train(config: TrainConfig, device=None, data_root=None, progress: boo
 
 
 def _log_attempt(folder: Path) -> None:
+    """Add a line to ``attempts.jsonl``, rewriting the file whole so a kill never leaves half a line."""
     line = {"host": socket.gethostname(), "pid": os.getpid(), "job": locks.JOB_KEY, "time": time.time(),
             "resumed": (folder / engine.CHECKPOINT).is_file()}
-    with open(folder / ATTEMPTS, "a") as f:
-        f.write(json.dumps(line) + "\n")
+    before = "".join(json.dumps(a) + "\n" for a in attempts(folder))
+    atomic_write_text(folder / ATTEMPTS, before + json.dumps(line) + "\n")
+
+
+def attempts(folder: Path) -> list[dict]:
+    """The training starts logged in ``folder`` (a log for people: lines that do not parse are skipped)."""
+    path = Path(folder) / ATTEMPTS
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    found = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            found.append(json.loads(line))
+    return found
 
 
 def _mark_failed(folder: Path, err: Exception) -> None:
@@ -175,8 +238,14 @@ def find_run(run: str | Path, root: Path | None = None) -> Run:
     if not folder.is_dir():
         folder = Path(root or paths.runs()) / str(run)
     if not is_finished(folder):
-        raise FileNotFoundError(f"no finished run at {folder}; train it first (get_or_train) or check the name.")
-    config = TrainConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        raise RunNotFoundError(f"no finished run at {folder}; train it first (get_or_train) or check the name.")
+    stored = read_json(folder / "config.json", engine.FINISHED_FILE_ADVICE)
+    try:
+        config = TrainConfig.from_dict(stored)
+    except (ConfigError, TypeError) as err:
+        raise StoreError(f"{folder / 'config.json'} of run {folder.name} is not a config this cdlib reads ({err}); "
+                         f"it was written by another version of cdlib or altered. Use that version, or restore "
+                         f"the file.") from err
     return Run(folder, config)
 
 
@@ -254,6 +323,8 @@ def get_or_train_many(configs: Iterable[TrainConfig], device=None, data_root=Non
     strategy = strategy or engine.default_strategy(dev)
     for config in configs:
         _check_stored_config(run_dir(config, root), config)
+        if is_finished(run_dir(config, root)):
+            _tidy(run_dir(config, root))
     todo = list({c.run_id(): c for c in configs if not is_finished(run_dir(c, root))}.values())
     loaded: dict = {}
 
@@ -309,8 +380,7 @@ def get_or_train_many(configs: Iterable[TrainConfig], device=None, data_root=Non
 
 def main(argv=None) -> None:
     """``python -m cdlib train CONFIG.json RUN_DIR``: train one run in RUN_DIR (workers and tests use it)."""
-    import argparse
-    parser = argparse.ArgumentParser(prog="python -m cdlib train", description=main.__doc__)
+    parser = ArgumentParser(prog="python -m cdlib train", description=main.__doc__)
     parser.add_argument("config")
     parser.add_argument("run_dir")
     parser.add_argument("--device", default=None)
@@ -318,10 +388,7 @@ def main(argv=None) -> None:
     parser.add_argument("--strategy", default=None, choices=engine.STRATEGIES)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    config = TrainConfig.from_dict(json.loads(Path(args.config).read_text()))
+    config = TrainConfig.from_dict(read_json_file(args.config, "the config file"))
     engine.fit(config, args.run_dir, device=args.device, data_root=args.data_root, strategy=args.strategy,
                teachers=load_teachers([config], args.device), progress=not args.quiet)
 
-
-if __name__ == "__main__":
-    main()

@@ -1,12 +1,16 @@
 """Small helpers shared by the core and the layers above it: device choice, atomic
-file writes, on-device counting, progress bars and true-fp32 arithmetic on CUDA."""
+file writes and store reads, on-device counting, progress bars and true-fp32 arithmetic on CUDA."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
+from typing import BinaryIO, Callable, Sequence
 
 import torch
+
+from cdlib.errors import NO_SPACE, StoreError
 
 
 def resolve_device(device=None) -> torch.device:
@@ -16,30 +20,63 @@ def resolve_device(device=None) -> torch.device:
     return torch.device(device)
 
 
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """``write(f)`` into a temporary file beside ``path``, then rename it to ``path``.
+
+    A process killed at any byte leaves ``path`` at its old contents or its new ones (the
+    rename is atomic). A write that fails (full disk, quota, file-size limit, permissions)
+    removes the temporary file, keeps the old ``path`` and raises a ``StoreError`` that
+    names the file and what to do.
+    """
+    atomic_write_all([(path, write)])
+
+
+def atomic_write_all(items: Sequence[tuple[Path, Callable[[BinaryIO], object]]]) -> None:
+    """``atomic_write`` for several files: all are written under temporary names first, then
+    renamed in a row, so a kill leaves them all old or all new, except inside the renames."""
+    written, path = [], None
+    try:
+        for path, write in items:
+            tmp = Path(path).with_name(Path(path).name + ".tmp")
+            written.append((tmp, Path(path)))
+            with open(tmp, "wb") as f:
+                write(f)
+        for tmp, path in written:
+            os.replace(tmp, path)
+    except OSError as err:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        raise write_error(Path(path), err) from err
+
+
+def write_error(path: Path, err: OSError) -> StoreError:
+    """The error for a failed write of ``path``: lack of space, or a folder that is not writable."""
+    if err.errno in NO_SPACE or err.errno is None:  # None: a short write (numpy's tofile says only that)
+        fix = ("Free space on that file system (or raise the quota or file-size limit) and run again: finished runs "
+               "are kept, and an interrupted run resumes from its last checkpoint.")
+    else:
+        fix = "Make the folder writable, or point CDLIB_OUTPUTS at a writable folder."
+    return StoreError(f"cannot write {path}: {err.strerror or err}. Its previous contents, if any, are kept. {fix}")
+
+
 def atomic_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_save_all(items: list[tuple[object, Path]]) -> None:
-    """``atomic_save`` for several files: every file is written under a temporary name first,
-    then all are renamed in a row, so a kill leaves them all at their old or all at their new
-    contents, except inside the microseconds of the renames."""
-    written = []
-    for obj, path in items:
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(obj, tmp)
-        written.append((tmp, path))
-    for tmp, path in written:
-        os.replace(tmp, path)
+    """``torch.save`` through ``atomic_write``."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def read_json(path: Path, advice: str):
+    """``json.loads`` of a run-store file; a damaged or unreadable file is a ``StoreError``
+    naming the file, its run folder and ``advice`` (what to do)."""
+    try:
+        return json.loads(Path(path).read_bytes())
+    except (OSError, ValueError) as err:
+        reason = err.strerror if isinstance(err, OSError) else f"it is not valid JSON ({err})"
+        raise StoreError(f"cannot read {path} of run {Path(path).parent.name}: {reason}. Nothing was changed. "
+                         f"{advice}") from err
 
 
 def add_counts(counts: torch.Tensor, index: torch.Tensor) -> None:

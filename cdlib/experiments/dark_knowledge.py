@@ -35,6 +35,7 @@ from cdlib.core import confusion, runs
 from cdlib import paths
 from cdlib.core.config import TrainConfig
 from cdlib.experiments.profiles import Profile
+from cdlib.errors import UserError
 
 # What the notebook writes (names under outputs/figures and outputs/tables).
 FIGURES = {
@@ -55,7 +56,7 @@ CEILING_Q = "teacher M vs teacher' Q"
 COMPARISONS = (BASELINE, CEILING_M, CEILING_Q)
 
 
-class MissingRunsError(RuntimeError):
+class MissingRunsError(UserError, RuntimeError):
     """The run store lacks finished runs the analysis needs (it never trains them)."""
 
 

@@ -70,9 +70,9 @@ def load_runs(configs: Sequence[TrainConfig], root=None) -> list[run_store.Run]:
     for config in configs:
         try:
             found.append(run_store.find_run(config.run_id(), root))
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"{err} Train it with runs.get_or_train (the notebook's training "
-                                    f"cell does) before building tables.") from None
+        except run_store.RunNotFoundError as err:
+            raise run_store.RunNotFoundError(f"{err} Train it with runs.get_or_train (the notebook's training "
+                                             f"cell does) before building tables.") from None
     return found
 
 

@@ -14,12 +14,12 @@ See docs/scale-out.md.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 from cdlib import paths
+from cdlib.errors import ArgumentParser, ConfigError
 
 
 def notebooks(only: list[str] | None = None) -> list[Path]:
@@ -28,7 +28,8 @@ def notebooks(only: list[str] | None = None) -> list[Path]:
         found = [nb for nb in found if nb.name[:2] in only]
         missing = set(only) - {nb.name[:2] for nb in found}
         if missing:
-            raise SystemExit(f"no notebook numbered {sorted(missing)} in {paths.NOTEBOOKS}")
+            raise ConfigError(f"no notebook numbered {sorted(missing)} in {paths.NOTEBOOKS}; "
+                              f"choose from {sorted({nb.name[:2] for nb in paths.NOTEBOOKS.glob('[0-9][0-9]_*.ipynb')})}")
     return found
 
 
@@ -61,7 +62,7 @@ def train_plans(args, numbers: list[str]) -> bool:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m cdlib pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="auto", help="smoke | quick | paper | auto (paper with CUDA, else smoke)")
     parser.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 01,03")
     parser.add_argument("--dataset", default=None, help="override the profile's data set (e.g. cifar10)")
@@ -100,6 +101,3 @@ def main(argv=None) -> int:
     print(f"pipeline finished: figures in {paths.figures()}, tables in {paths.tables()}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from cdlib.core.config import TrainConfig
+from cdlib.errors import ConfigError
 
 PAPER_EPOCHS = 200  # the paper's baseline schedule; other profiles scale every schedule by epochs / 200
 
@@ -67,5 +68,5 @@ def get_profile(name: str = "auto", dataset: str | None = None, announce: bool =
         if announce:
             print(f"profile: {name} ({reason}; pass profile='smoke'|'quick'|'paper' to choose)")
     if name not in PROFILES:
-        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)} or 'auto'")
+        raise ConfigError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)} or 'auto'")
     return PROFILES[name].with_dataset(dataset)

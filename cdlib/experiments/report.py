@@ -19,7 +19,6 @@ missing, or whose analysis raises, is reported as "not measured" with the reason
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import traceback
@@ -32,6 +31,7 @@ from cdlib.experiments import claims, plans
 from cdlib.core import runs
 from cdlib.experiments.claims import Claim, not_measured
 from cdlib.experiments.profiles import Profile, get_profile
+from cdlib.errors import ArgumentParser
 
 CLAIM_NUMBERS = (1, 2, 3, 4, 5)
 
@@ -223,7 +223,7 @@ def write_report(profile: Profile, device=None, data_root=None) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m cdlib report", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m cdlib report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="auto", help="smoke | quick | paper | auto (default)")
     parser.add_argument("--dataset", default=None, help="override the profile's data set")
     parser.add_argument("--device", default=None, help="device for the feature analyses (default: cuda if available)")
@@ -234,6 +234,3 @@ def main(argv: Sequence[str] | None = None) -> Path:
     print(path)
     return path
 
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

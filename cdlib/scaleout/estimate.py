@@ -25,7 +25,6 @@ given rate (``--tflops``, default 400, a good H100 bf16 convolution rate).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -46,6 +45,7 @@ from cdlib.experiments.profiles import Profile, get_profile
 from cdlib.core.engine import STRATEGIES, default_strategy
 from cdlib.core.runs import default_group_size, plan_groups
 from cdlib.core.util import resolve_device
+from cdlib.errors import ArgumentParser
 
 NOTEBOOKS = [f"{n:02d}" for n in range(1, 10)]
 EXTRA_FORWARDS = {"cskd": 1.0}  # student forwards per step beyond the training step's own
@@ -360,7 +360,7 @@ def format_report(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cdlib estimate", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m cdlib estimate", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="auto", help="smoke | quick | paper | auto")
     parser.add_argument("--dataset", default=None, help="override the profile's data set")
     parser.add_argument("--data-root", default=None)
@@ -382,6 +382,3 @@ def main(argv=None) -> int:
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

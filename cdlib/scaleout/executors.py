@@ -37,6 +37,7 @@ from cdlib import paths
 from cdlib.core.config import TrainConfig
 from cdlib.experiments.plans import unique
 from cdlib.core.util import atomic_write_text
+from cdlib.errors import ArgumentParser, ConfigError, read_json_file
 
 # What to do, for errors whose message names the problem but not always the fix.
 HINTS = {
@@ -443,12 +444,14 @@ def executor_from_args(args, data_root=None, device=None):
 
 def load_plan(path: Path) -> list[TrainConfig]:
     """Configs of a plan file: the output of ``python -m cdlib plan --json`` or a list of config dicts."""
-    items = json.loads(Path(path).read_text())
+    items = read_json_file(path, "the plan file")
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise ConfigError(f"the plan file {path} is not a list of runs; write it with python -m cdlib plan --json")
     return [TrainConfig.from_dict(item.get("config", item)) for item in items]
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cdlib executors", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m cdlib executors", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train every run of a plan file")
     run.add_argument("plan", type=Path)
@@ -466,7 +469,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "train":
-        outcome = train_one(json.loads(args.config.read_text()), args.device, args.data_root, args.on_locked)
+        outcome = train_one(read_json_file(args.config, "the config file"), args.device, args.data_root,
+                            args.on_locked)
         print(f"{outcome.run_id}: {outcome.status} {outcome.error} {outcome.message}".rstrip(), flush=True)
         if args.result:
             atomic_write_text(args.result, json.dumps(asdict(outcome)))
@@ -476,6 +480,3 @@ def main(argv=None) -> int:
     print(report.summary())
     return 0 if report.ok else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

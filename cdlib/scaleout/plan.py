@@ -9,7 +9,6 @@ notebooks is listed once, at its first place (teachers always before their stude
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -18,6 +17,7 @@ from cdlib.core import locks, runs
 from cdlib.core.config import TrainConfig
 from cdlib.experiments.plans import notebook_plan
 from cdlib.experiments.profiles import Profile, get_profile
+from cdlib.errors import ArgumentParser
 
 
 def available_notebooks(profile: Profile) -> list[str]:
@@ -72,7 +72,7 @@ def plan_rows(profile: Profile, notebooks: list[str], status: bool = False) -> l
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cdlib plan", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m cdlib plan", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="auto", help="smoke | quick | paper | auto")
     parser.add_argument("--dataset", default=None, help="override the profile's data set")
     parser.add_argument("--notebook", action="append", default=[], help="notebook number(s), e.g. 01 or 01,03")
@@ -112,6 +112,3 @@ def main(argv=None) -> int:
         print("status: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
