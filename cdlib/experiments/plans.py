@@ -74,7 +74,7 @@ def method_config(profile: Profile, method: str, arch: str, seed: int) -> TrainC
     objective, args, paper_epochs = TABLE2_METHODS[method]
     args = dict(args)
     if "schedule" in args:
-        args["schedule"] = [profile.scaled(e) for e in args["schedule"]]
+        args["schedule"] = profile.scaled_schedule(args["schedule"])
         epochs = sum(args["schedule"])
     else:
         epochs = profile.scaled(paper_epochs)
@@ -97,7 +97,7 @@ def table1(profile: Profile, seed: int = 0) -> list[tuple[str, TrainConfig, floa
         if weights is None:
             config = baseline(profile, profile.student_arch, seed)
         else:
-            scaled = [profile.scaled(e) for e in schedule]
+            scaled = profile.scaled_schedule(schedule)
             config = profile.recipe(
                 name=f"cd-{profile.student_arch}", arch=profile.student_arch, seed=seed, epochs=sum(scaled),
                 objective="cd", objective_args={"schedule": scaled, "w_soft": weights[0], "w_ce": weights[1]})

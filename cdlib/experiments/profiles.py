@@ -36,6 +36,22 @@ class Profile:
         """A paper epoch count (e.g. 300, or a 30-epoch phase) in this profile's units, at least 1."""
         return max(1, round(paper_epochs * self.epochs / PAPER_EPOCHS))
 
+    def scaled_schedule(self, segments: list[int]) -> list[int]:
+        """Phase lengths (e.g. CD's hard/soft segments) scaled so that they sum to ``scaled(sum(segments))``,
+        the budget every method of that paper length gets. Each phase is rounded as ``scaled`` rounds it
+        (at least one epoch), then the drift is corrected on the phases rounding moved most (earlier
+        phases first on ties), as largest-remainder rounding does; rounding alone drifts (CD-200 at 15
+        epochs got 14). With fewer budget epochs than phases, each phase gets one."""
+        total = max(self.scaled(sum(segments)), len(segments))
+        exact = [s * total / sum(segments) for s in segments]
+        lengths = [max(1, round(x)) for x in exact]
+        while sum(lengths) != total:
+            short = sum(lengths) < total
+            movable = [i for i in range(len(lengths)) if short or lengths[i] > 1]
+            i = max(movable, key=lambda i: (exact[i] - lengths[i]) if short else (lengths[i] - exact[i]))
+            lengths[i] += 1 if short else -1
+        return lengths
+
     def recipe(self, **changes) -> TrainConfig:
         """The profile's base training config, with ``changes`` applied."""
         base = TrainConfig(dataset=self.dataset, width=self.width, epochs=self.epochs, rotation=self.rotation)
