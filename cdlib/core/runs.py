@@ -41,7 +41,7 @@ from cdlib.core import engine, locks
 from cdlib.core.config import TrainConfig
 from cdlib.core.data import DeviceData, load_dataset
 from cdlib.core.models import build_model
-from cdlib.core.util import atomic_write_text, read_json, resolve_device
+from cdlib.core.util import atomic_write_text, read_json, read_store_file, resolve_device
 from cdlib.errors import ArgumentParser, ConfigError, StoreError, UserError, read_json_file
 
 FAILED = "failed.json"
@@ -63,14 +63,7 @@ class Run:
     config: TrainConfig
 
     def _read(self, name: str, reader):
-        try:
-            return reader(self.dir / name)
-        except StoreError:
-            raise
-        except Exception as err:  # truncated, not the format, or altered by another program
-            raise StoreError(f"cannot read {self.dir / name} of run {self.dir.name} ({type(err).__name__}: "
-                             f"{' '.join(str(err).split())[:300]}). Nothing was changed. "
-                             f"{engine.FINISHED_FILE_ADVICE}") from err
+        return read_store_file(self.dir / name, reader, engine.FINISHED_FILE_ADVICE)
 
     @cached_property
     def summary(self) -> dict:
@@ -141,8 +134,8 @@ def load_teachers(configs: Iterable[TrainConfig], device=None, root: Path | None
     for name, of in sorted(students.items()):
         try:
             teacher = find_run(name, root)
-        except UserError as err:
-            raise type(err)(f"KD teacher {name} of {of[0].run_id()}: {err}") from err
+        except RunNotFoundError as err:  # a damaged teacher folder's StoreError names it already
+            raise RunNotFoundError(f"KD teacher {name} of {of[0].run_id()}: {err}") from err
         for student in of:
             if teacher.config.dataset != student.dataset:
                 raise ConfigError(f"KD teacher {name} was trained on {teacher.config.dataset!r}, but its student "
@@ -322,9 +315,10 @@ def get_or_train_many(configs: Iterable[TrainConfig], device=None, data_root=Non
     dev = resolve_device(device)
     strategy = strategy or engine.default_strategy(dev)
     for config in configs:
-        _check_stored_config(run_dir(config, root), config)
-        if is_finished(run_dir(config, root)):
-            _tidy(run_dir(config, root))
+        folder = run_dir(config, root)
+        _check_stored_config(folder, config)
+        if is_finished(folder):
+            _tidy(folder)
     todo = list({c.run_id(): c for c in configs if not is_finished(run_dir(c, root))}.values())
     loaded: dict = {}
 

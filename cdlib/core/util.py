@@ -68,15 +68,21 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def read_json(path: Path, advice: str):
-    """``json.loads`` of a run-store file; a damaged or unreadable file is a ``StoreError``
-    naming the file, its run folder and ``advice`` (what to do)."""
+def read_store_file(path: Path, read: Callable[[Path], object], advice: str):
+    """``read(path)`` of a run-store file; a damaged or unreadable file is a ``StoreError`` naming
+    the file, its run folder and ``advice`` (what to do)."""
     try:
-        return json.loads(Path(path).read_bytes())
-    except (OSError, ValueError) as err:
-        reason = err.strerror if isinstance(err, OSError) else f"it is not valid JSON ({err})"
-        raise StoreError(f"cannot read {path} of run {Path(path).parent.name}: {reason}. Nothing was changed. "
-                         f"{advice}") from err
+        return read(Path(path))
+    except StoreError:
+        raise
+    except Exception as err:  # truncated, not the format, or altered by another program
+        raise StoreError(f"cannot read {path} of run {Path(path).parent.name} ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:300]}). Nothing was changed. {advice}") from err
+
+
+def read_json(path: Path, advice: str):
+    """``json.loads`` of a run-store file, through ``read_store_file``."""
+    return read_store_file(path, lambda p: json.loads(p.read_bytes()), advice)
 
 
 def add_counts(counts: torch.Tensor, index: torch.Tensor) -> None:
