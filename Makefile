@@ -13,8 +13,8 @@ test: setup  ## unit tests + every notebook under nbval (smoke profile, fresh ou
 	rm -rf $(TEST_OUTPUTS)
 	CDLIB_OUTPUTS=$(TEST_OUTPUTS) CDLIB_PROGRESS=0 $(PYTHON) -m pytest
 
-reproduce: setup  ## every notebook in order: paper profile with CUDA, smoke otherwise (PROFILE=quick ...)
-	$(PYTHON) -m cdlib pipeline --profile $(PROFILE)
+reproduce: setup  ## fetch CIFAR if missing, then every notebook in order: paper with CUDA, smoke otherwise (PROFILE=cpu, quick, a .toml file)
+	$(PYTHON) -m cdlib pipeline --profile $(PROFILE) --download
 
 smoke: setup  ## the whole pipeline on a CPU in minutes
 	$(PYTHON) -m cdlib pipeline --profile smoke

@@ -112,13 +112,13 @@ def install(events: Events) -> None:
     os.replace, os.link, os.unlink = (file_event("replace", real_replace), file_event("link", real_link),
                                       file_event("unlink", real_unlink))
     register_optimizer_step_post_hook(lambda *_: events("step", "-"))
-    real_batches = DeviceData.test_batches
+    real_batches = DeviceData.eval_batches
 
     def counted_batches(self, *args, **kwargs):
         for batch in real_batches(self, *args, **kwargs):
             yield batch
             events("evaluate", "-")
-    DeviceData.test_batches = counted_batches
+    DeviceData.eval_batches = counted_batches
 
 
 def train(store: Path) -> None:

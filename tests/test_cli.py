@@ -43,6 +43,10 @@ MISTAKES = [
     ("plan: unknown notebook", lambda t: ["plan", "--notebook", "42"], ["no plan for notebook(s) ['42']"]),
     ("estimate: unknown strategy", lambda t: ["estimate", "--strategy", "fastest"], ["invalid choice: 'fastest'"]),
     ("report: unknown profile", lambda t: ["report", "--profile", "fast"], ["unknown profile 'fast'"]),
+    ("pipeline: misspelt profile key", lambda t: ["pipeline", "--profile", "smoke", "--set", "widht=0.5"],
+     ["unknown profile key 'widht'", "width"]),
+    ("results: profile file with a bad value", lambda t: ["results", "--profile", str(_text_file(
+        t / "mine.toml", 'base = "cpu"\nepochs = "many"\n'))], ["profile key 'epochs' must be a whole number"]),
     ("executors: missing plan file", lambda t: ["executors", "run", str(t / "plan.json")],
      ["cannot read the plan file", "plan.json", "Check the path"]),
     ("executors: plan with a misspelt field", lambda t: ["executors", "run", str(_text_file(

@@ -46,9 +46,9 @@ def write_fake_run(root: Path, config: TrainConfig, final_top1: float, best_top1
     best = final_top1 + 0.5 if best_top1 is None else best_top1
     summary = {"run_id": config.run_id(), "num_classes": num_classes, "final_top1": final_top1,
                "final_top5": final_top1 + 10, "best_top1": best, "best_top5": best + 10,
-               "best_epoch": config.epochs}
+               "best_epoch": config.epochs, "train_seconds": 10.0 * config.epochs}
     (folder / "summary.json").write_text(json.dumps(summary))
-    lines = [{"epoch": e + 1, "train_loss": 1.0, "test_top1": final_top1 * (e + 1) / config.epochs}
+    lines = [{"epoch": e + 1, "train_loss": 1.0, "test_top1": final_top1 * (e + 1) / config.epochs, "seconds": 10.0}
              for e in range(config.epochs)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     counts = rng.integers(0, 20, size=(2, config.epochs, num_classes, num_classes)).astype(np.int32)
@@ -59,7 +59,7 @@ def write_fake_run(root: Path, config: TrainConfig, final_top1: float, best_top1
 # ------------------------------------------------------------------ a fake Table 2 store
 
 BASE = {"baseline": 60.0, "ls": 61.0, "tfkd_reg": 60.5, "cskd": 61.5, "pskd": 62.0, "cd200": 62.5,
-        "cd300": 63.0, "cd300-test": 64.5, "cd300-diagonal": 61.2, "cd300-shuffled": 61.1, "cd300-static": 61.0}
+        "cd300": 63.0, "cd300-test": 64.5, "cd300-train_eval": 63.5, "cd300-holdout": 64.0, "cd300-diagonal": 61.2, "cd300-shuffled": 61.1, "cd300-static": 61.0}
 SEED_OFFSETS = (0.0, 0.6, -0.3)
 
 
@@ -78,7 +78,7 @@ def test_table2_long_has_mean_std_ci_and_paper(tmp_path):
     P = fake_profile()
     fill_table2(tmp_path, P)
     long = dr.table2_long(P, root=tmp_path)
-    assert len(long) == len(plans.TABLE2_METHODS) * 2
+    assert len(long) == len(plans.table2_methods(P)) * 2
     row = long[(long.method == "cd300") & (long.arch == "resnet34")].iloc[0]
     values = np.array([64.0, 64.6, 63.7])
     assert row["n"] == 3
@@ -94,10 +94,10 @@ def test_table2_frame_is_wide_with_paper_next_to_ours(tmp_path):
     P = fake_profile()
     fill_table2(tmp_path, P)
     wide = dr.table2_frame(P, root=tmp_path)
-    assert list(wide["method"]) == list(plans.TABLE2_METHODS)
+    assert list(wide["method"]) == plans.table2_methods(P)
     cols = list(wide.columns)
     for net in ("ResNet-18", "ResNet-34"):
-        i = cols.index(f"{net} best")
+        i = cols.index(f"{net} best (test-selected)")
         assert cols[i + 1] == f"{net} paper (best)"
         assert f"{net} final" in cols and f"{net} 95% CI" in cols and f"{net} top-5" in cols
     base = wide.set_index("method").loc["baseline"]
@@ -111,7 +111,7 @@ def test_significance_is_welch_against_every_other_method(tmp_path):
     fill_table2(tmp_path, P)
     sig = dr.significance_table(P, root=tmp_path)
     # 2 networks x 2 references x 10 other methods
-    assert len(sig) == 2 * 2 * (len(plans.TABLE2_METHODS) - 1)
+    assert len(sig) == 2 * 2 * (len(plans.table2_methods(P)) - 1)
     row = sig[(sig.network == "ResNet-18") & (sig.CD == "CD-300") & (sig.method == "CS-KD")].iloc[0]
     a, b = np.array([63.0, 63.6, 62.7]), np.array([61.5, 62.1, 61.2])
     expected = stats.ttest_ind(a, b, equal_var=False)
@@ -142,9 +142,22 @@ def test_leak_table_reports_test_minus_train(tmp_path):
     P = fake_profile()
     fill_table2(tmp_path, P)
     leak = dr.leak_table(P, root=tmp_path)
-    assert list(leak["metric"]) == ["final_top1", "best_top1"] * 2
-    assert leak["difference (test - train)"].to_numpy() == pytest.approx([1.5] * 4)
+    assert list(leak["metric"]) == ["final top-1", "best top-1 (test-selected)"] * 4
+    assert list(leak["leak-free source"]) == ["training batches"] * 2 + ["eval-mode training images"] * 2 + [
+        "training batches"] * 2 + ["eval-mode training images"] * 2  # no validation split: no held-out source
+    assert leak["difference (test - leak-free)"].to_numpy() == pytest.approx([1.5, 1.5, 1.0, 1.0] * 2)
     assert leak["n"].iloc[0] == "3 / 3"
+
+
+def test_with_a_validation_split_the_leak_table_has_three_sources_and_validation_selection(tmp_path):
+    P = replace(fake_profile(archs=("resnet18",)), validation=100)
+    fill_table2(tmp_path, P)
+    leak = dr.leak_table(P, root=tmp_path)
+    assert list(leak["leak-free source"]) == [s for s in dr.LEAK_FREE_SOURCES.values() for _ in range(2)]
+    assert list(leak["metric"]) == ["final top-1", "val-selected top-1"] * 3
+    assert leak["difference (test - leak-free)"].to_numpy()[::2] == pytest.approx([1.5, 1.0, 0.5])
+    frame = dr.table2_frame(P, root=tmp_path)
+    assert {"ResNet-18 val-selected", "ResNet-18 best (test-selected)", "ResNet-18 NLL", "ResNet-18 ECE"} <= set(frame)
 
 
 def test_test_source_messages_show_refusal_and_warning():

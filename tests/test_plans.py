@@ -2,21 +2,26 @@
 its paper counterpart scaled to the profile, and CD's phases sum to exactly that."""
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from cdlib.experiments import plans
-from cdlib.experiments.profiles import PROFILES
+from cdlib.experiments.profiles import builtin_names, get_profile
 
+PROFILES = {name: get_profile(name) for name in builtin_names()}
 # The built-in profiles, and the 15-epoch CIFAR-10 case where CD-200 used to get 14 epochs.
-CASES = {**PROFILES, "cifar10-15": replace(PROFILES["quick"], dataset="cifar10", width=0.125, epochs=15)}
+CASES = {**PROFILES, "cifar10-15": get_profile("quick", overrides={"dataset": "cifar10", "width": 0.125, "epochs": 15})}
+NOTEBOOKS = ("01", "02", "03", "04", "05")
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_every_method_gets_the_budget_of_its_paper_counterpart(name):
     profile = CASES[name]
-    for method, (_, args, paper_epochs) in plans.TABLE2_METHODS.items():
+    for method in plans.table2_methods(profile):
+        _, args, paper_epochs = plans.TABLE2_METHODS[method]
         config = plans.method_config(profile, method, profile.student_arch, 0)
         assert config.epochs == profile.scaled(paper_epochs), (method, config.epochs)
         if "schedule" in args:
@@ -29,16 +34,19 @@ def test_every_method_gets_the_budget_of_its_paper_counterpart(name):
 
 def test_the_paper_profile_keeps_the_papers_schedules():
     paper = PROFILES["paper"]
-    for method, (_, args, _) in plans.TABLE2_METHODS.items():
+    assert paper.validation == 0  # the paper's 50,000 training images
+    for method in plans.table2_methods(paper):
+        args = plans.TABLE2_METHODS[method][1]
         if "schedule" in args:
             assert plans.method_config(paper, method, "resnet18", 0).objective_args["schedule"] == args["schedule"]
 
 
-@pytest.mark.parametrize("name", PROFILES)
+@pytest.mark.parametrize("name", ["smoke", "quick", "paper"])  # the profiles that had runs under the old rule
 def test_run_ids_change_only_where_rounding_each_phase_drifted(name):
     """The old rule rounded each phase on its own; where that kept the budget, the run is the same run."""
     profile = PROFILES[name]
-    for method, (_, args, paper_epochs) in plans.TABLE2_METHODS.items():
+    for method in plans.table2_methods(profile):
+        _, args, paper_epochs = plans.TABLE2_METHODS[method]
         if "schedule" not in args:
             continue
         old = [profile.scaled(e) for e in args["schedule"]]
@@ -56,3 +64,20 @@ def test_run_ids_change_only_where_rounding_each_phase_drifted(name):
 ])
 def test_scaled_schedule(segments, epochs, expected):
     assert replace(PROFILES["smoke"], epochs=epochs).scaled_schedule(segments) == expected
+
+
+@pytest.mark.parametrize("name", ["smoke", "quick", "paper"])
+def test_the_builtin_profiles_as_files_keep_their_run_ids(name):
+    """The profiles moved from Python to TOML files and gained keys (validation, teacher_width) and Table 2
+    gained the eval-mode CD source: every run the notebooks planned before is planned again, same id,
+    and the only new runs are that source's."""
+    before = set(json.loads((Path(__file__).parent / "data" / "builtin_run_ids.json").read_text())[name])
+    now = {c.run_id() for nb in NOTEBOOKS for c in plans.notebook_plan(PROFILES[name], nb)}
+    assert before <= now
+    assert {i.rsplit("-", 2)[0] for i in now - before} == {"cd300-train_eval"}
+
+
+def test_the_holdout_source_is_planned_only_with_a_validation_split():
+    assert "cd300-holdout" not in plans.table2(PROFILES["quick"])
+    holdout = plans.table2(PROFILES["cpu"])["cd300-holdout"]
+    assert {c.validation for c in holdout} == {5000} and len(holdout) == PROFILES["cpu"].seeds

@@ -22,6 +22,9 @@ from cdlib.core.objectives import make_objective
 from cdlib.errors import ConfigError
 
 DATASETS = ("cifar100", "cifar10", "synthetic")  # and "imagefolder:<folder>"
+# Fields added after run ids were first published enter the hash only when they differ from these
+# defaults, so every earlier run keeps its id.
+LATER_FIELDS = {"validation": 0}
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class TrainConfig:
     # data
     dataset: str = "cifar100"         # cifar100 | cifar10 | imagefolder:<subfolder> | synthetic
     rotation: float = 15.0            # degrees of random rotation; 0 turns it off
+    validation: int = 0               # training images held out for validation (stratified, fixed); 0: none
     # network
     arch: str = "resnet18"
     width: float = 1.0                # channel multiplier; < 1 for tiny smoke/test networks
@@ -87,6 +91,8 @@ class TrainConfig:
                 fail(name, "a whole number >= 1")
         if not whole(self.seed) or self.seed < 0:
             fail("seed", "a whole number >= 0")
+        if not whole(self.validation) or self.validation < 0:
+            fail("validation", "a whole number of training images >= 0")
         if not (number(self.warmup_epochs) and 0 <= self.warmup_epochs <= self.epochs):
             fail("warmup_epochs", f"a number in [0, epochs = {self.epochs}]")
         if self.schedule not in ("multistep", "cosine"):
@@ -117,8 +123,9 @@ class TrainConfig:
         return cls(**d)
 
     def run_hash(self) -> str:
-        """Short stable hash of every field: the run's identity."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Short stable hash of every field (``LATER_FIELDS`` only when set): the run's identity."""
+        fields_ = {k: v for k, v in self.to_dict().items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
+        blob = json.dumps(fields_, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
     def run_id(self) -> str:

@@ -25,7 +25,7 @@ import os
 import pickle
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -61,10 +61,43 @@ class Dataset:
     classes: list[str]
     superclass_of: np.ndarray | None = None  # (C,) super-class index of each class
     superclasses: list[str] | None = None
+    validation_images: np.ndarray | None = None  # held out of the training set by ``hold_out``
+    validation_labels: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+
+VALIDATION_SEED = 0  # one fixed split per data set and size, whatever the run's seed
+
+
+def validation_indices(labels: np.ndarray, n: int, seed: int = VALIDATION_SEED) -> np.ndarray:
+    """``n`` training positions, stratified: class k gets its share ``n * count_k / N``, rounded by
+    largest remainders so the shares sum to ``n``, drawn at random (``seed``) within the class.
+    Sorted, so the split does not depend on the order classes are visited."""
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = n * counts / counts.sum()
+    shares = np.floor(exact).astype(int)
+    shares[np.argsort(-(exact - shares), kind="stable")[:n - shares.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(np.flatnonzero(labels == k))[:share] for k, share in zip(classes, shares)]
+    return np.sort(np.concatenate(chosen))
+
+
+def hold_out(dataset: Dataset, n: int) -> Dataset:
+    """``dataset`` with ``n`` stratified training images moved to a validation split (``n = 0``: unchanged)."""
+    if n == 0:
+        return dataset
+    labels = dataset.train_labels
+    held = np.zeros(len(labels), dtype=bool)
+    if 0 < n < len(labels):
+        held[validation_indices(labels, n)] = True
+    if not held.any() or np.bincount(labels[~held], minlength=dataset.num_classes).min() == 0:
+        raise DataError(f"cannot hold out {n} of the {len(labels)} training images of {dataset.name} for "
+                        f"validation: every class must keep some training images. Choose a smaller validation size.")
+    return replace(dataset, train_images=dataset.train_images[~held], train_labels=labels[~held],
+                   validation_images=dataset.train_images[held], validation_labels=labels[held])
 
 
 # --------------------------------------------------------------------------- CIFAR pickles
@@ -173,22 +206,49 @@ def _find_folder(name: str, root: Path | None) -> tuple[Path | None, list[Path]]
     return None, candidates
 
 
+def download_cifar(name: str, base: Path) -> None:
+    """Fetch ``name`` into ``base`` with torchvision (its progress bar; it checks the archive's md5)."""
+    import torchvision  # only when a download is asked for
+    cls = torchvision.datasets.CIFAR100 if name == "cifar100" else torchvision.datasets.CIFAR10
+    cls(str(base), train=True, download=True)
+    cls(str(base), train=False, download=True)
+
+
+def _not_found(name: str, looked: list[Path], why: str = "") -> DataError:
+    spec = _CIFAR[name]
+    return DataError(
+        f"{name} not found{why}. Looked for '{spec['test']}' in: {', '.join(map(str, looked))}. "
+        f"Put the original '{spec['folder']}' folder (python pickle version) there, set "
+        f"CDLIB_DATA=/folder/holding/it, or on a machine with internet access pass --download to the pipeline "
+        f"(make reproduce does) or call load_dataset('{name}', download=True).")
+
+
+def ensure_downloaded(name: str, root: Path | None = None) -> bool:
+    """Download the CIFAR data set ``name`` into the data root unless it is there already; True if it
+    downloaded. Other data sets (image folders, synthetic) are left alone. A failed download (offline,
+    a full disk) raises the "not found" ``DataError`` with the reason."""
+    if name not in _CIFAR or _find_folder(name, root)[0] is not None:
+        return False
+    base = Path(root) if root is not None else paths.data_root()
+    print(f"{name} not found under {base}: downloading it there (once) with torchvision", flush=True)
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        download_cifar(name, base)
+    except Exception as err:  # URLError offline, OSError on a full disk, RuntimeError on a bad archive
+        raise _not_found(name, _find_folder(name, root)[1],
+                         f", and downloading it failed ({type(err).__name__}: {str(err)[:200]})") from err
+    if _find_folder(name, root)[0] is None:
+        raise _not_found(name, _find_folder(name, root)[1], ", and the download did not produce it")
+    return True
+
+
 def load_cifar(name: str, root: Path | None = None, download: bool = False) -> Dataset:
     spec = _CIFAR[name]
+    if download:
+        ensure_downloaded(name, root)
     folder, looked = _find_folder(name, root)
-    if folder is None and download:
-        import torchvision  # only when the user asks for a download
-        base = Path(root) if root is not None else paths.data_root()
-        cls = torchvision.datasets.CIFAR100 if name == "cifar100" else torchvision.datasets.CIFAR10
-        cls(str(base), train=True, download=True)
-        cls(str(base), train=False, download=True)
-        folder, looked = _find_folder(name, root)
     if folder is None:
-        raise DataError(
-            f"{name} not found. Looked for '{spec['test']}' in: {', '.join(map(str, looked))}. "
-            f"Put the original '{spec['folder']}' folder (python pickle version) there, set "
-            f"CDLIB_DATA=/folder/holding/it, or call load_dataset('{name}', download=True) on a "
-            f"machine with internet access.")
+        raise _not_found(name, looked)
     missing = [f for f in spec["train"] + [spec["meta"]] if not (folder / f).is_file()]
     if missing:
         raise DataError(f"{folder} is incomplete: missing {missing}. Restore the full '{spec['folder']}' folder.")
@@ -454,6 +514,9 @@ class DeviceData:
         self.test_images = to(dataset.test_images).permute(0, 3, 1, 2).contiguous()
         self.train_labels = to(dataset.train_labels)
         self.test_labels = to(dataset.test_labels)
+        held_out = dataset.validation_images is not None
+        self.validation_images = to(dataset.validation_images).permute(0, 3, 1, 2).contiguous() if held_out else None
+        self.validation_labels = to(dataset.validation_labels) if held_out else None
         self.num_classes = dataset.num_classes
         self.rotation = rotation
         self.pad = pad
@@ -464,6 +527,10 @@ class DeviceData:
     @property
     def num_train(self) -> int:
         return len(self.train_labels)
+
+    @property
+    def num_validation(self) -> int:
+        return 0 if self.validation_labels is None else len(self.validation_labels)
 
     def normalise(self, images_uint8: torch.Tensor) -> torch.Tensor:
         return (images_uint8.float() / 255 - self.mean) / self.std
@@ -507,7 +574,15 @@ class DeviceData:
             idx = order[start:start + batch_size]
             yield Batch(self.augment(idx, generator), self.train_labels[idx], idx)
 
-    def test_batches(self, batch_size: int = 1000) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for start in range(0, len(self.test_labels), batch_size):
-            yield (self.normalise(self.test_images[start:start + batch_size]),
-                   self.test_labels[start:start + batch_size])
+    def labels(self, split: str) -> torch.Tensor:
+        """Labels of ``test``, ``validation`` or ``train`` (the training images, un-augmented)."""
+        return {"test": self.test_labels, "validation": self.validation_labels, "train": self.train_labels}[split]
+
+    def eval_batches(self, split: str = "test", batch_size: int = 1000) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Normalised, un-augmented batches of ``split`` (see ``labels``), in order."""
+        images = {"test": self.test_images, "validation": self.validation_images, "train": self.train_images}[split]
+        labels = self.labels(split)
+        if labels is None:
+            raise ValueError("this data set has no validation split (TrainConfig.validation = 0)")
+        for start in range(0, len(labels), batch_size):
+            yield self.normalise(images[start:start + batch_size]), labels[start:start + batch_size]

@@ -6,6 +6,12 @@ its run folder's checkpoint, then per epoch train, evaluate, let each objective 
 its state, rewrite each ``metrics.jsonl`` and write each checkpoint; at the end
 write the final artefacts. ``fit(config, run_dir)`` is N = 1.
 
+Each epoch is evaluated on the test split and, when the config holds training images out
+(``TrainConfig.validation``), on that validation split; an objective that asks for it
+(``Objective.needs_train_eval``) also gets an eval-mode pass over the un-augmented training
+images. The summary's "selected" epoch is the one of best validation top-1 (best test top-1,
+the paper's code's choice, without a validation split); "best" is always the test-selected one.
+
 Every file goes to a temporary name first and is then renamed (``util.atomic_write``),
 so a process killed at any byte leaves each file whole, old or new. The checkpoint
 holds everything a resume needs, the metrics history included: ``metrics.jsonl`` is
@@ -55,8 +61,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cdlib.core import fused
+from cdlib.core.calibration import expected_calibration_error
 from cdlib.core.config import TrainConfig
-from cdlib.core.data import Batch, DeviceData, load_dataset
+from cdlib.core.data import Batch, DeviceData, hold_out, load_dataset
 from cdlib.core.models import build_model
 from cdlib.core.objectives import EpochEnd, make_objective
 from cdlib.core.util import (add_counts, atomic_save, atomic_write, atomic_write_all, atomic_write_text, progress,
@@ -169,15 +176,18 @@ class Member:
         self.epoch = 0
         self.history: list[dict] = []  # one metrics record per finished epoch
         C = data.num_classes
-        # Per-epoch confusion counts, kept on the host for checkpoints (300 epochs x 100 x 100 int32 = 12 MB).
-        self.train_confusions = torch.zeros(config.epochs, C, C, dtype=torch.int32)
-        self.test_confusions = torch.zeros(config.epochs, C, C, dtype=torch.int32)
+        # Per-epoch confusion counts by split, kept on the host for checkpoints (300 epochs x 100 x 100
+        # int32 = 12 MB each): the training batches, the test split, and where the run has them the
+        # validation split and the eval-mode training pass (zero at epochs that skip it).
+        splits = ["train", "test"] + ["validation"] * bool(data.num_validation) + ["train_eval"] * any(
+            self.objective.needs_train_eval(e) for e in range(config.epochs))
+        self.confusions = {split: torch.zeros(config.epochs, C, C, dtype=torch.int32) for split in splits}
 
     def checkpoint(self, model_state: dict, optimizer_state: dict, device: torch.device) -> dict:
         return {"format": CHECKPOINT_FORMAT, "config": self.config.to_dict(), "epoch": self.epoch,
                 "history": self.history, "model": model_state,
                 "optimizer": optimizer_state, "objective": self.objective.state_dict(),
-                "train_confusions": self.train_confusions, "test_confusions": self.test_confusions,
+                **{f"{split}_confusions": counts for split, counts in self.confusions.items()},
                 "torch_rng": self.torch_rng, "device_type": device.type}
 
     def load(self, state: dict, run_dir: Path) -> None:
@@ -185,8 +195,8 @@ class Member:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.objective.load_state_dict(state["objective"])
-            self.train_confusions.copy_(state["train_confusions"])
-            self.test_confusions.copy_(state["test_confusions"])
+            for split, counts in self.confusions.items():
+                counts.copy_(state[f"{split}_confusions"])
         except (RuntimeError, KeyError, ValueError, TypeError) as err:  # another network, objective or version
             raise CheckpointError(
                 f"checkpoint {run_dir / CHECKPOINT} does not fit run {self.config.run_id()} "
@@ -407,8 +417,9 @@ class Engine:
             raise MemberFailure(errors)
 
     @torch.no_grad()
-    def evaluate(self, return_logits: bool = False) -> list[dict]:
-        """Per member: loss, top-1, top-5 and confusion counts on the test split (eval mode)."""
+    def evaluate(self, split: str = "test", return_logits: bool = False) -> list[dict]:
+        """Per member: loss (NLL), top-1, top-5 and confusion counts on ``split`` (``DeviceData.eval_batches``),
+        in eval mode."""
         n, C, dev = self.n, self.data.num_classes, self.device
         for unit in self.units:
             unit.network.eval()
@@ -418,7 +429,7 @@ class Engine:
         confusion = torch.zeros(n * C * C, device=dev, dtype=torch.long)
         offsets = torch.arange(n, device=dev)[:, None] * (C * C)
         all_logits = []
-        for images, labels in self.data.test_batches():
+        for images, labels in self.data.eval_batches(split):
             if self.cuda:
                 images = images.contiguous(memory_format=torch.channels_last)
             with self.autocast():
@@ -432,12 +443,12 @@ class Engine:
             add_counts(confusion, (offsets + labels * C + topk[..., 0]).flatten())
             if return_logits:
                 all_logits.append(logits)
-        total = len(self.data.test_labels)
+        total = len(self.data.labels(split))
         confusion = confusion.view(n, C, C)
         results = []
         for k in range(n):
-            r = {"test_loss": loss_sum[k].item() / total, "test_top1": 100 * top1[k].item() / total,
-                 "test_top5": 100 * top5[k].item() / total, "confusion": confusion[k]}
+            r = {"loss": loss_sum[k].item() / total, "top1": 100 * top1[k].item() / total,
+                 "top5": 100 * top5[k].item() / total, "confusion": confusion[k]}
             if return_logits:
                 r["logits"] = torch.cat([z[k] for z in all_logits])
             results.append(r)
@@ -509,21 +520,35 @@ def remove_leftover_checkpoint(run_dir: Path) -> None:
         (run_dir / CHECKPOINT).unlink(missing_ok=True)
 
 
+def selected_epoch(history: list[dict]) -> dict:
+    """The epoch record a "best epoch" column reports: the highest validation top-1 when the run held
+    a validation split out, else the highest test top-1 (the paper's code: selection on test data).
+    Ties go to the earliest epoch."""
+    key = "validation_top1" if "validation_top1" in history[0] else "test_top1"
+    return max(history, key=lambda h: h[key])
+
+
 def _finish(engine: Engine, run_dirs: list[Path], start: float) -> list[dict]:
     """Write each member's final artefacts; ``summary.json`` last: it marks a finished run."""
-    finals = engine.evaluate(return_logits=True)
+    finals = engine.evaluate("test", return_logits=True)
+    labels = engine.data.labels("test").cpu()
     summaries = []
     for m, (model_state, _), run_dir, final in zip(engine.members, engine.states(), run_dirs, finals):
-        logits = final["logits"].cpu().numpy()
-        atomic_write(run_dir / "test_logits.npy", lambda f: np.save(f, logits))
+        logits = final["logits"].cpu()
+        atomic_write(run_dir / "test_logits.npy", lambda f: np.save(f, logits.numpy()))
         atomic_write(run_dir / "confusions.npz", lambda f: np.savez_compressed(
-            f, train=m.train_confusions.numpy(), test=m.test_confusions.numpy()))
+            f, **{split: counts.numpy() for split, counts in m.confusions.items()}))
         atomic_save(model_state, run_dir / "model.pt")
         best = max(m.history, key=lambda h: h["test_top1"])
+        selected = selected_epoch(m.history)
         summary = {
-            "run_id": m.config.run_id(), "num_classes": engine.data.num_classes, "final_top1": final["test_top1"],
-            "final_top5": final["test_top5"], "best_top1": best["test_top1"], "best_top5": best["test_top5"],
-            "best_epoch": best["epoch"], "train_seconds": sum(h["seconds"] for h in m.history),
+            "run_id": m.config.run_id(), "num_classes": engine.data.num_classes, "final_top1": final["top1"],
+            "final_top5": final["top5"], "final_nll": final["loss"],
+            "final_ece": expected_calibration_error(logits, labels),
+            "best_top1": best["test_top1"], "best_top5": best["test_top5"], "best_epoch": best["epoch"],
+            "selection": "validation" if "validation_top1" in selected else "test",
+            "selected_epoch": selected["epoch"], "selected_top1": selected["test_top1"],
+            "selected_top5": selected["test_top5"], "train_seconds": sum(h["seconds"] for h in m.history),
             "device": str(engine.device), "torch": torch.__version__,
             "seconds_this_session": time.perf_counter() - start, "group_size": engine.n,
         }
@@ -531,6 +556,15 @@ def _finish(engine: Engine, run_dirs: list[Path], start: float) -> list[dict]:
         (run_dir / CHECKPOINT).unlink()
         summaries.append(summary)
     return summaries
+
+
+def _evaluate_epoch(engine: Engine) -> dict[str, list[dict]]:
+    """The epoch's evaluations by split: test; validation when the data hold one out; the eval-mode
+    pass over the training images when a member's objective asks for it (all members get it then)."""
+    splits = ["test"] + ["validation"] * bool(engine.data.num_validation)
+    if any(m.objective.needs_train_eval(engine.epoch) for m in engine.members):
+        splits.append("train")
+    return {split: engine.evaluate(split) for split in splits}
 
 
 def _train_from(members: list[Member], run_dirs: list[Path], data: DeviceData, device: torch.device,
@@ -546,19 +580,26 @@ def _train_from(members: list[Member], run_dirs: list[Path], data: DeviceData, d
                       total=config.epochs, desc=desc):
         epoch_start = time.perf_counter()
         train_records = engine.train_epoch(show_progress)
-        results = engine.evaluate()
+        evaluations = _evaluate_epoch(engine)
         e = engine.epoch
         for k, m in enumerate(members):
-            m.train_confusions[e] = engine.last_train_confusions[k].cpu().int()
-            m.test_confusions[e] = results[k]["confusion"].cpu().int()
-            m.objective.end_epoch(EpochEnd(e, engine.last_train_confusions[k], results[k]["confusion"]))
+            confusion = {"train": engine.last_train_confusions[k],
+                         **{"train_eval" if split == "train" else split: results[k]["confusion"]
+                            for split, results in evaluations.items()}}
+            for split, counts in m.confusions.items():
+                if split in confusion:
+                    counts[e] = confusion[split].cpu().int()
+            m.objective.end_epoch(EpochEnd(e, confusion["train"], confusion["test"], confusion.get("validation"),
+                                           confusion.get("train_eval")))
         seconds = time.perf_counter() - epoch_start
         engine.epoch += 1
-        for m, run_dir, train_record, result in zip(members, run_dirs, train_records, results):
+        for k, (m, run_dir, train_record) in enumerate(zip(members, run_dirs, train_records)):
             m.epoch = engine.epoch
-            m.history.append({"epoch": e + 1, **train_record,
-                              **{k: result[k] for k in ("test_loss", "test_top1", "test_top5")},
-                              "seconds": seconds, "group_size": engine.n})
+            evaluated = {f"{split}_{metric}": evaluations[split][k][metric]
+                         for split in ("test", "validation") if split in evaluations
+                         for metric in ("loss", "top1", "top5")}
+            m.history.append({"epoch": e + 1, **train_record, **evaluated, "seconds": seconds,
+                              "group_size": engine.n})
             write_metrics(run_dir, m.history)
         # All members' checkpoints at once: runs left at different epochs would resume apart, and a
         # fused group of another size sums in another order (equal to rounding, not bitwise).
@@ -593,7 +634,11 @@ def train(configs: Sequence[TrainConfig], run_dirs: Sequence[str | Path], *, dat
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cudnn.deterministic = deterministic
-    data = data or DeviceData(load_dataset(configs[0].dataset, data_root), device, configs[0].rotation)
+    data = data or DeviceData(hold_out(load_dataset(configs[0].dataset, data_root), configs[0].validation), device,
+                              configs[0].rotation)
+    if data.num_validation != configs[0].validation:
+        raise ValueError(f"the data passed hold out {data.num_validation} validation images, the configs "
+                         f"{configs[0].validation}")
     summaries: dict[int, dict] = {}
     failures: dict[int, NonFiniteLossError] = {}
     for i, d in enumerate(run_dirs):

@@ -60,6 +60,8 @@ class EpochEnd:
     epoch: int                      # 0-based epoch that just ended
     train_confusion: torch.Tensor   # (C, C) counts of (label, argmax) over the epoch's training batches
     test_confusion: torch.Tensor    # (C, C) counts on the test split (eval mode)
+    validation_confusion: torch.Tensor | None = None  # on the held-out split, when the run has one
+    train_eval_confusion: torch.Tensor | None = None  # eval mode on un-augmented training images, if asked for
 
 
 class Objective:
@@ -82,6 +84,11 @@ class Objective:
     def loss(self, logits: torch.Tensor, batch: Batch, epoch: int) -> torch.Tensor:
         """The scalar loss of ``logits`` (the student's, of ``batch.images``)."""
         raise NotImplementedError
+
+    def needs_train_eval(self, epoch: int) -> bool:
+        """Whether ``end_epoch`` of 0-based ``epoch`` needs ``train_eval_confusion`` (an extra inference
+        pass over the training images, so the loop runs it only when asked)."""
+        return False
 
     def end_epoch(self, info: EpochEnd) -> None:
         pass
@@ -360,6 +367,12 @@ class ConfusionDistillation(Objective):
       * ``"train"`` (default): the training confusion gathered during the epoch,
         i.e. argmax of the train-mode logits on that epoch's augmented training
         images. Leak-free: only training labels enter the targets.
+      * ``"holdout"``: the confusion of the held-out validation split (eval mode), so
+        the targets are held-out predictions as in the released code, without the
+        test set. Needs ``TrainConfig.validation > 0``.
+      * ``"train_eval"``: eval-mode predictions on the un-augmented training images,
+        one extra inference pass per EMA update. Leak-free, and free of the
+        train-mode and augmentation parts of ``"train"``'s bias (not of fitting).
       * ``"test"``: the test-split confusion, as the released code does. Test labels
         then leak into the training targets, so it needs ``allow_test_leak=True``
         and warns at setup; use it only to reproduce the released numbers.
@@ -381,7 +394,7 @@ class ConfusionDistillation(Objective):
     """
 
     name = "cd"
-    SOURCES = ("train", "test")
+    SOURCES = ("train", "holdout", "train_eval", "test")
     TARGETS = ("confusion", "diagonal", "shuffled", "static")
 
     def __init__(self, schedule: str | list[int], source: str = "train", targets: str = "confusion",
@@ -408,6 +421,15 @@ class ConfusionDistillation(Objective):
         if sum(self.schedule) != config.epochs:
             raise ConfigError(f"CD schedule {self.schedule} covers {sum(self.schedule)} epochs, "
                               f"the run has {config.epochs}")
+        if self.source == "holdout" and not config.validation:
+            raise ConfigError("CD with source='holdout' builds its targets from the validation split, and this "
+                              "run holds none out: set TrainConfig.validation (e.g. 5000), or use source='train'")
+
+    def _updates(self, epoch: int) -> bool:
+        return self.targets != "static" and cd_ema_updates(self.schedule, epoch)
+
+    def needs_train_eval(self, epoch):
+        return self.source == "train_eval" and self._updates(epoch)
 
     def setup(self, config, train_labels, num_classes):
         if self.source == "test":
@@ -458,14 +480,15 @@ class ConfusionDistillation(Objective):
             raise ValueError(f"CD expected the end of epoch {self.epochs_seen}, got epoch {info.epoch}: "
                              "epochs ended out of order or the objective state was not restored")
         self.epochs_seen += 1
-        if self.targets == "static" or not cd_ema_updates(self.schedule, info.epoch):
+        if not self._updates(info.epoch):
             return
         # "train" is sound because it uses training labels only. Its bias: the
         # predictions are train-mode (batch statistics) argmaxes on augmented
         # training images the model is fitting, so late in training they are more
         # accurate than held-out predictions and the rows grow more diagonal
         # (less off-diagonal mass) than a test-set confusion would be.
-        counts = info.train_confusion if self.source == "train" else info.test_confusion
+        counts = {"train": info.train_confusion, "holdout": info.validation_confusion,
+                  "train_eval": info.train_eval_confusion, "test": info.test_confusion}[self.source]
         Q_t = counts.to(self.ema) + 1e-8
         Q_t = Q_t / Q_t.sum(1, keepdim=True)
         self.ema.mul_(self.mu).add_(Q_t, alpha=1 - self.mu)

@@ -39,7 +39,7 @@ import torch
 from cdlib import paths
 from cdlib.core import engine, locks
 from cdlib.core.config import TrainConfig
-from cdlib.core.data import DeviceData, load_dataset
+from cdlib.core.data import DeviceData, hold_out, load_dataset
 from cdlib.core.models import build_model
 from cdlib.core.util import atomic_write_text, read_json, read_store_file, resolve_device
 from cdlib.errors import ArgumentParser, ConfigError, StoreError, UserError, read_json_file
@@ -82,7 +82,8 @@ class Run:
         return self._read("test_logits.npy", np.load)
 
     def confusions(self, split: str = "test") -> np.ndarray:
-        """(epochs, C, C) confusion counts after each epoch, on ``test`` or the ``train`` batches."""
+        """(epochs, C, C) confusion counts after each epoch: ``test``, the ``train`` batches, and where the run
+        has them ``validation`` and ``train_eval`` (the eval-mode pass over the training images)."""
         def read(path):
             with np.load(path) as z:
                 return z[split]
@@ -325,9 +326,10 @@ def get_or_train_many(configs: Iterable[TrainConfig], device=None, data_root=Non
     def data_for(config: TrainConfig):
         if data is not None:
             return data
-        key = (config.dataset, config.rotation)
+        key = (config.dataset, config.rotation, config.validation)
         if key not in loaded:  # read each data set once for all runs
-            loaded[key] = DeviceData(load_dataset(config.dataset, data_root), dev, config.rotation)
+            loaded[key] = DeviceData(hold_out(load_dataset(config.dataset, data_root), config.validation), dev,
+                                     config.rotation)
         return loaded[key]
 
     diverged: list[Exception] = []

@@ -8,8 +8,9 @@ them into tables, tests and claims; nothing trains. The configs come from
 - :func:`table1_frame`: the paper's Table 1 schedule and weight sweep, ours beside the paper's;
 - :func:`table2_long` / :func:`table2_frame`: Table 2, every method on every network;
 - :func:`significance_table`: Welch's t-test of CD-300 and CD-200 against every other method;
-- :func:`leak_table`: CD-300 with the leak-free training-set source against the released
-  code's test-set source (PAPER.md section 6), and :func:`test_source_messages`;
+- :func:`leak_table`: the released code's test-set source (PAPER.md section 6) against each
+  leak-free CD-300 source (training batches, eval-mode training images, held-out validation),
+  and :func:`test_source_messages`;
 - Figure 3's baseline-vs-CD Interaction Tensor comes from :func:`cdlib.experiments.feature_analysis.analyse_profile`;
 - :func:`cd_claim`: claim 5 with its rule;
 - :func:`replay_cd_ema`: the EMA confusion matrix Q~ of a CD run after every epoch,
@@ -47,6 +48,8 @@ METHOD_LABELS = {
     "cd200": "CD-200",
     "cd300": "CD-300",
     "cd300-test": "CD-300, test-set source (leaks test labels)",
+    "cd300-holdout": "CD-300, held-out validation source",
+    "cd300-train_eval": "CD-300, eval-mode training source",
     "cd300-diagonal": "CD-300 ablation: diagonal targets",
     "cd300-shuffled": "CD-300 ablation: shuffled off-diagonal",
     "cd300-static": "CD-300 ablation: static label smoothing",
@@ -77,13 +80,19 @@ def load_runs(configs: Sequence[TrainConfig], root=None) -> list[run_store.Run]:
 
 
 def _values(run_list: Sequence[run_store.Run], metric: str) -> np.ndarray:
-    return np.array([r.summary[metric] for r in run_list], dtype=np.float64)
+    """``metric`` of each run's summary; NaN where a run predates it (NLL, ECE and the selected epoch
+    were added to summaries later)."""
+    return np.array([r.summary.get(metric, np.nan) for r in run_list], dtype=np.float64)
+
+
+# Summary numbers every table row aggregates over seeds.
+ROW_METRICS = tables.ACCURACY_COLUMNS + ("best_epoch", "selected_top1", "selected_epoch", "final_nll", "final_ece")
 
 
 def _summary_row(run_list: Sequence[run_store.Run]) -> dict:
     """n and, per accuracy column and best_epoch, mean / std / ci95 over the runs."""
     row = {"n": len(run_list)}
-    for metric in tables.ACCURACY_COLUMNS + ("best_epoch",):
+    for metric in ROW_METRICS:
         mean, std, ci, _ = tables.mean_std_ci(_values(run_list, metric))
         row.update({f"{metric}_mean": mean, f"{metric}_std": std, f"{metric}_ci95": ci})
     return row
@@ -181,19 +190,27 @@ def table1_frame(profile: Profile, root=None, seed: int = 0) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- (c) Table 2
 
-def table2_runs(profile: Profile, root=None) -> dict[tuple[str, str], list[run_store.Run]]:
-    """(method, arch) -> the finished runs of that Table 2 cell."""
+def table2_runs(profile: Profile, root=None, methods: Sequence[str] | None = None,
+                finished_only: bool = False) -> dict[tuple[str, str], list[run_store.Run]]:
+    """(method, arch) -> the finished runs of that Table 2 cell, for ``methods`` (default all). A run
+    not trained yet raises ``RunNotFoundError``, or with ``finished_only`` is left out (a cell without
+    runs is left out too)."""
     cells: dict[tuple[str, str], list[run_store.Run]] = {}
     for method, configs in plans.table2(profile).items():
+        if methods is not None and method not in methods:
+            continue
+        if finished_only:
+            configs = [c for c in configs if run_store.is_finished(run_store.run_dir(c, root))]
         for config, run in zip(configs, load_runs(configs, root)):
             cells.setdefault((method, config.arch), []).append(run)
     return cells
 
 
-def table2_long(profile: Profile, root=None) -> pd.DataFrame:
-    """One row per (method, arch): n, mean / std / ci95 of every accuracy column, paper's number."""
+def table2_long(profile: Profile, root=None, cells: Mapping | None = None) -> pd.DataFrame:
+    """One row per (method, arch) of ``cells`` (default ``table2_runs``): n, mean / std / ci95 of every
+    accuracy column, paper's number."""
     rows = []
-    for (method, arch), run_list in table2_runs(profile, root).items():
+    for (method, arch), run_list in (table2_runs(profile, root) if cells is None else cells).items():
         paper_value = paper.table2(method, arch)
         rows.append({"method": method, "label": METHOD_LABELS.get(method, method), "arch": arch,
                      "epochs (paper)": plans.TABLE2_METHODS[method][2], **_summary_row(run_list),
@@ -204,9 +221,12 @@ def table2_long(profile: Profile, root=None) -> pd.DataFrame:
 def table2_frame(profile: Profile, root=None) -> pd.DataFrame:
     """Table 2 for display: rows = methods; per network, the columns
 
-    ``final`` (final-epoch top-1, mean ± std), ``95% CI`` (its half-width), ``best``
-    (best-epoch top-1, mean ± std), ``paper (best)`` (the paper's number, best epoch,
-    next to ours), ``top-5`` (final top-5, mean ± std) and ``n`` (seeds).
+    ``final`` (final-epoch top-1, mean ± std), ``95% CI`` (its half-width), ``val-selected``
+    (test top-1 at the epoch of best validation top-1; only with a validation split), ``best
+    (test-selected)`` (test top-1 at the epoch of best test top-1: selection on test data, what
+    the paper reports), ``paper (best)`` (the paper's number, best epoch, next to ours), ``top-5``
+    (final top-5), ``NLL`` (final mean test cross-entropy), ``ECE`` (final, %, 15 bins) and
+    ``n`` (seeds).
     """
     long = table2_long(profile, root)
     out = long[["method", "label", "epochs (paper)"]].drop_duplicates("method").set_index("method")
@@ -220,9 +240,13 @@ def table2_frame(profile: Profile, root=None) -> pd.DataFrame:
 
         out[f"{name} final"] = text("final_top1")
         out[f"{name} 95% CI"] = group["final_top1_ci95"]
-        out[f"{name} best"] = text("best_top1")
+        if profile.validation:
+            out[f"{name} val-selected"] = text("selected_top1")
+        out[f"{name} best (test-selected)"] = text("best_top1")
         out[f"{name} paper (best)"] = group["paper"]
         out[f"{name} top-5"] = text("final_top5")
+        out[f"{name} NLL"] = text("final_nll")
+        out[f"{name} ECE"] = text("final_ece")
         out[f"{name} n"] = group["n"]
     return out.reset_index()
 
@@ -283,26 +307,41 @@ def significance_table(profile: Profile, root=None, metric: str = "final_top1",
 
 # ----------------------------------------------------------------------------- (e) the leak
 
-def leak_table(profile: Profile, root=None) -> pd.DataFrame:
-    """CD-300 with Q(t) from the training batches (ours) vs from the test set (the released code).
+# The leak-free CD-300 sources the test-set source is compared with, in table order.
+LEAK_FREE_SOURCES = {"cd300": "training batches", "cd300-train_eval": "eval-mode training images",
+                     "cd300-holdout": "held-out validation"}
 
-    One row per network and metric (final, best top-1): both means ± std, the difference
-    test-source minus train-source, and Welch's t-test. A positive difference is what
-    test labels in the training targets buy (and, for ``best``, selecting the epoch on
-    the test set as well).
+
+def leak_table(profile: Profile, root=None, cells: Mapping | None = None) -> pd.DataFrame:
+    """CD-300 with Q(t) from the test set (the released code) against each leak-free source.
+
+    One row per network, leak-free source and metric: final top-1, and the top-1 at the
+    selected epoch (chosen on validation where the profile holds a split out, otherwise the
+    test-selected best epoch, which the test source then profits from twice). Columns: both
+    means ± std, the difference test source minus leak-free source, Welch's t-test. Against the
+    training batches the difference mixes two effects, the test labels and the training-batch
+    bias (train-mode predictions on images being fitted); against the held-out source it is what
+    the test labels add, and held-out minus training batches is what that bias costs. ``cells``:
+    default ``table2_runs``.
     """
-    cells = table2_runs(profile, root)
+    cells = table2_runs(profile, root) if cells is None else cells
+    selected = ("selected_top1", "val-selected top-1") if profile.validation else ("best_top1", "best top-1 (test-selected)")
     rows = []
     for arch in dict.fromkeys(arch for _, arch in cells):
-        train_runs, test_runs = cells[("cd300", arch)], cells[("cd300-test", arch)]
-        for metric in ("final_top1", "best_top1"):
-            a, b = _values(train_runs, metric), _values(test_runs, metric)
-            t, p, note = welch(b, a)
-            rows.append({"network": arch_label(arch), "metric": metric,
-                         "train source (leak-free)": tables.format_mean_std(*tables.mean_std_ci(a)[:2]),
-                         "test source (leak)": tables.format_mean_std(*tables.mean_std_ci(b)[:2]),
-                         "difference (test - train)": b.mean() - a.mean(), "t": round(t, 3), "p (Welch)": format_p(p),
-                         "n": f"{len(a)} / {len(b)}", "note": note})
+        if ("cd300-test", arch) not in cells:
+            continue
+        test_runs = cells[("cd300-test", arch)]
+        for method, source in LEAK_FREE_SOURCES.items():
+            if (method, arch) not in cells:
+                continue
+            for metric, label in (("final_top1", "final top-1"), selected):
+                a, b = _values(cells[(method, arch)], metric), _values(test_runs, metric)
+                t, p, note = welch(b, a)
+                rows.append({"network": arch_label(arch), "leak-free source": source, "metric": label,
+                             "leak-free": tables.format_mean_std(*tables.mean_std_ci(a)[:2]),
+                             "test source (leak)": tables.format_mean_std(*tables.mean_std_ci(b)[:2]),
+                             "difference (test - leak-free)": b.mean() - a.mean(), "t": round(t, 3),
+                             "p (Welch)": format_p(p), "n": f"{len(a)} / {len(b)}", "note": note})
     return pd.DataFrame(rows)
 
 
@@ -355,10 +394,12 @@ def replay_cd_ema(run: run_store.Run, what: str = "ema") -> np.ndarray:
         warnings.simplefilter("ignore")
         _setup(objective, config, C)
     train, test = run.confusions("train"), run.confusions("test")
+    source = source_confusions(run)
     out = np.empty((config.epochs, C, C), dtype=np.float64)
     for epoch in range(config.epochs):
-        objective.end_epoch(EpochEnd(epoch, torch.from_numpy(train[epoch]).long(),
-                                     torch.from_numpy(test[epoch]).long()))
+        fed = torch.from_numpy(source[epoch]).long()  # the split the source reads, whichever it is
+        objective.end_epoch(EpochEnd(epoch, torch.from_numpy(train[epoch]).long(), torch.from_numpy(test[epoch]).long(),
+                                     validation_confusion=fed, train_eval_confusion=fed))
         matrix = objective.ema if what == "ema" else objective.target_matrix()
         out[epoch] = matrix.numpy()
     return out
@@ -373,9 +414,13 @@ def offdiagonal_mass(matrices) -> np.ndarray:
     return share.mean(-1)
 
 
+# The stored confusions (``Run.confusions``) each CD source reads.
+SOURCE_SPLITS = {"train": "train", "holdout": "validation", "train_eval": "train_eval", "test": "test"}
+
+
 def source_confusions(run: run_store.Run) -> np.ndarray:
-    """(E, C, C) counts the CD run's EMA was fed from (train or test split, per its ``source``)."""
-    return run.confusions(run.config.objective_args.get("source", "train"))
+    """(E, C, C) counts the CD run's EMA was fed from, per its ``source`` (``SOURCE_SPLITS``)."""
+    return run.confusions(SOURCE_SPLITS[run.config.objective_args.get("source", "train")])
 
 
 def cd_ema_frame(run: run_store.Run, ema: np.ndarray | None = None) -> pd.DataFrame:
@@ -485,6 +530,6 @@ def cd_claim(profile: Profile, root=None, features=None,
 __all__ = [
     "METHOD_LABELS", "CD_REFERENCES", "LEAKY_METHODS", "load_runs", "kd_groups", "kd_table", "kd_metrics", "kd_gain",
     "schedule_label", "table1_frame", "table2_runs", "table2_long", "table2_frame", "cd_run", "format_p", "welch",
-    "significance_table", "leak_table", "test_source_messages", "replay_cd_ema", "offdiagonal_mass",
-    "source_confusions", "cd_ema_frame", "paper_resnet34_margin", "paper_claim5_text", "cd_claim", "arch_label",
+    "significance_table", "leak_table", "LEAK_FREE_SOURCES", "SOURCE_SPLITS", "test_source_messages",
+    "replay_cd_ema", "offdiagonal_mass", "source_confusions", "cd_ema_frame", "paper_resnet34_margin", "paper_claim5_text", "cd_claim", "arch_label",
 ]

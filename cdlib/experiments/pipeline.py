@@ -1,7 +1,8 @@
-"""Execute the notebooks in order with papermill: ``python -m cdlib pipeline [--profile P] [--only 01,03]``.
+"""Execute the notebooks in order with papermill: ``python -m cdlib pipeline [--profile P] [--set K=V ...] [--only 01,03]``.
 
-Each notebook gets the same parameters (profile, data set, data root, device) and
-is written, executed, to ``outputs/notebooks/``. The pipeline stops at the first
+Each notebook gets the same parameters (profile, its overrides, data set, data root,
+device) and is written, executed, to ``outputs/notebooks/``. With ``--download`` (which
+``make reproduce`` passes) a missing CIFAR-10/100 is first downloaded into the data root. The pipeline stops at the first
 failing notebook and prints the failing cell and its error. Training results are
 cached in the run store, so rerunning after a failure or an interruption only
 redoes what is missing.
@@ -47,10 +48,11 @@ def run_notebook(notebook: Path, parameters: dict, kernel: str | None = None) ->
 def train_plans(args, numbers: list[str]) -> bool:
     """Train every run the selected notebooks need with the chosen executor; False if any failed."""
     from cdlib.scaleout.executors import execute, executor_from_args
-    from cdlib.scaleout.plan import available_notebooks, combined_plan
-    from cdlib.experiments.profiles import get_profile
+    from cdlib.experiments.plans import combined_plan
+    from cdlib.scaleout.plan import available_notebooks
+    from cdlib.experiments.profiles import profile_from_args
 
-    profile = get_profile(args.profile, args.dataset, announce=False)
+    profile = profile_from_args(args, announce=False)
     planned = [n for n in numbers if n in available_notebooks(profile)]
     configs = [config for config, _ in combined_plan(profile, planned)]
     print(f"training {len(configs)} runs of notebooks {', '.join(planned)} with the {args.executor} executor", flush=True)
@@ -62,11 +64,14 @@ def train_plans(args, numbers: list[str]) -> bool:
 
 
 def main(argv=None) -> int:
+    from cdlib.experiments.profiles import add_profile_arguments, overrides_dict, profile_from_args
+
     parser = ArgumentParser(prog="python -m cdlib pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="auto", help="smoke | quick | paper | auto (paper with CUDA, else smoke)")
+    add_profile_arguments(parser)
     parser.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 01,03")
-    parser.add_argument("--dataset", default=None, help="override the profile's data set (e.g. cifar10)")
     parser.add_argument("--data-root", default=None, help="folder holding the data sets (default $CDLIB_DATA)")
+    parser.add_argument("--download", action="store_true",
+                        help="download a missing CIFAR-10/100 into the data root first (needs internet)")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:1 (default: cuda if available)")
     parser.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
     parser.add_argument("--train-only", action="store_true", help="train the notebooks' plans, execute no notebook")
@@ -76,11 +81,15 @@ def main(argv=None) -> int:
 
     from papermill.exceptions import PapermillExecutionError
 
-    from cdlib.experiments.profiles import get_profile
-    profile = get_profile(args.profile, args.dataset).name  # announces what 'auto' chose
-    parameters = {"profile": profile, "dataset": args.dataset, "data_root": args.data_root, "device": args.device}
+    from cdlib.core.data import ensure_downloaded
+    profile = profile_from_args(args)  # announces what 'auto' chose
+    args.profile = profile.source  # the notebooks and the executors resolve the same profile
+    if args.download:
+        ensure_downloaded(profile.dataset, args.data_root)
+    parameters = {"profile": profile.source, "overrides": overrides_dict(args.overrides), "dataset": args.dataset,
+                  "data_root": args.data_root, "device": args.device}
     selected = notebooks(args.only.split(",") if args.only else None)
-    print(f"pipeline: {len(selected)} notebooks, profile {profile}, outputs in {paths.outputs()}")
+    print(f"pipeline: {len(selected)} notebooks, profile {profile.label}, outputs in {paths.outputs()}")
     if args.executor != "inprocess" or args.train_only:
         if not train_plans(args, [nb.name[:2] for nb in selected]):
             return 1

@@ -41,7 +41,7 @@ from cdlib import paths
 from cdlib.experiments import plans
 from cdlib.core.config import TrainConfig
 from cdlib.core.data import CIFAR_COUNTS, Dataset, DeviceData, load_dataset, synthetic
-from cdlib.experiments.profiles import Profile, get_profile
+from cdlib.experiments.profiles import Profile, add_profile_arguments, profile_from_args
 from cdlib.core.engine import STRATEGIES, default_strategy
 from cdlib.core.runs import default_group_size, plan_groups
 from cdlib.core.util import resolve_device
@@ -361,8 +361,7 @@ def format_report(report: dict) -> str:
 
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m cdlib estimate", description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="auto", help="smoke | quick | paper | auto")
-    parser.add_argument("--dataset", default=None, help="override the profile's data set")
+    add_profile_arguments(parser)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     parser.add_argument("--strategy", default=None, choices=STRATEGIES,
@@ -375,7 +374,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tflops", type=float, default=400.0, help="rate for the arithmetic floor")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
     args = parser.parse_args(argv)
-    profile = get_profile(args.profile, args.dataset, announce=not args.json)
+    profile = profile_from_args(args, announce=not args.json)
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
     report = estimate(profile, args.device, args.group_size, args.steps, args.timing_batch, tflops=args.tflops,
                       data_root=args.data_root, log=log, strategy=args.strategy)

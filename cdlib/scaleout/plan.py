@@ -15,8 +15,8 @@ import time
 
 from cdlib.core import locks, runs
 from cdlib.core.config import TrainConfig
-from cdlib.experiments.plans import notebook_plan
-from cdlib.experiments.profiles import Profile, get_profile
+from cdlib.experiments.plans import combined_plan, notebook_plan
+from cdlib.experiments.profiles import Profile, add_profile_arguments, profile_from_args
 from cdlib.errors import ArgumentParser
 
 
@@ -30,15 +30,6 @@ def available_notebooks(profile: Profile) -> list[str]:
             continue
         found.append(f"{n:02d}")
     return found
-
-
-def combined_plan(profile: Profile, notebooks: list[str]) -> list[tuple[TrainConfig, list[str]]]:
-    """Every run of ``notebooks`` once, in training order, with the notebooks that use it."""
-    order: dict[str, tuple[TrainConfig, list[str]]] = {}
-    for nb in notebooks:
-        for config in notebook_plan(profile, nb):
-            order.setdefault(config.run_id(), (config, []))[1].append(nb)
-    return list(order.values())
 
 
 def run_status(config: TrainConfig) -> str:
@@ -73,15 +64,14 @@ def plan_rows(profile: Profile, notebooks: list[str], status: bool = False) -> l
 
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m cdlib plan", description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="auto", help="smoke | quick | paper | auto")
-    parser.add_argument("--dataset", default=None, help="override the profile's data set")
+    add_profile_arguments(parser)
     parser.add_argument("--notebook", action="append", default=[], help="notebook number(s), e.g. 01 or 01,03")
     parser.add_argument("--all", action="store_true", help="every notebook with a plan")
     parser.add_argument("--json", action="store_true", help="machine-readable: a list of runs with their configs")
     parser.add_argument("--status", action="store_true", help="add each run's state in the run store")
     args = parser.parse_args(argv)
 
-    profile = get_profile(args.profile, args.dataset, announce=not args.json)
+    profile = profile_from_args(args, announce=not args.json)
     known = available_notebooks(profile)
     notebooks = known if args.all else [n.strip() for arg in args.notebook for n in arg.split(",") if n.strip()]
     if not notebooks:

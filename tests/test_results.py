@@ -1,0 +1,79 @@
+"""``docs/RESULTS.md`` is generated: the page from a run store of fake finished runs (no training)
+shows what is finished and what is missing, the tables with their numbers, the verdicts and the time."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from cdlib.__main__ import main as cdlib_main
+from cdlib.experiments import plans, results
+from cdlib.experiments.profiles import get_profile
+from test_distillation_results import BASE, SEED_OFFSETS, write_fake_run
+
+TEACHER_TOP1 = 70.0
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """Every run of the cpu profile's page finished, but the second teacher."""
+    monkeypatch.setenv("CDLIB_OUTPUTS", str(tmp_path))
+    profile = get_profile("cpu")
+    for config in results.plan(profile)[:-1]:
+        top1 = TEACHER_TOP1 if config.arch == profile.teacher_arch else BASE[
+            next(m for m in results.methods(profile)
+                 if plans.method_config(profile, m, config.arch, config.seed) == config)]
+        write_fake_run(tmp_path / "runs", config, top1 + SEED_OFFSETS[config.seed], num_classes=10)
+    return profile
+
+
+def test_the_page_reports_every_finished_run_and_lists_the_missing(store):
+    text = results.render(store)
+    missing = results.plan(store)[-1]
+    assert "15 of the page's 16 runs are finished" in text and f"`{missing.run_id()}`" in text
+    assert "python -m cdlib results --profile cpu" in text and "This is not the paper's experiment" in text
+    assert "validation = 5000" in text  # the resolved profile
+    for label in ("Baseline (CE)", "Label smoothing", "PS-KD", "CD-300, held-out validation source",
+                  "CD-300, eval-mode training source", "CD-300, test-set source (leaks test labels)"):
+        assert f"| {label} | 2 |" in text, label
+    assert "| Baseline (CE) | 2 | 8 | 60.30 ± 0.42 |" in text  # mean and sample std of 60.0 and 60.6
+    assert "| CD-300 | 2 | 12 |" in text
+
+
+def test_the_leak_and_the_verdicts_follow_the_numbers(store):
+    cells = results.dr.table2_runs(store, methods=results.methods(store), finished_only=True)
+    leak = results.dr.leak_table(store, cells=cells)
+    final = leak[leak["metric"] == "final top-1"].set_index("leak-free source")["difference (test - leak-free)"]
+    assert final.to_dict() == pytest.approx({"training batches": 1.5, "eval-mode training images": 1.0,
+                                             "held-out validation": 0.5})
+    verdicts = results.verdicts(store, cells).set_index("question")
+    row = verdicts.loc["leak-free CD-300 beats Baseline (CE)"]
+    assert row["ours (difference)"] == pytest.approx(3.0) and row["paper (difference)"] == pytest.approx(77.13 - 75.86)
+    # Both groups are {x, x + 0.6}: Welch's t = 3 / 0.42 on 2 degrees of freedom, p < 0.05; 1 point is not.
+    assert row["verdict"] == "holds here" and float(row["p (Welch)"]) < 0.05
+    assert verdicts.loc["leak-free CD-300 beats PS-KD", "verdict"] == "does not hold here"
+    teachers = verdicts.loc["teachers are stronger than the students' baselines"]
+    assert teachers["n"] == "1 / 2" and "needs >= 2 seeds" in teachers["note"]
+
+
+def test_time_is_measured_and_projected_for_every_notebook(store):
+    timing = results.timing_table(store)
+    assert set(timing["objective"]) == {"ce", "ls", "pskd", "cd"} and (timing["s / epoch"] == 10.0).all()
+    projection = results.projection_table(store).set_index("notebook")
+    total = projection.loc["all"]
+    assert total["runs"] == len(plans.combined_plan(store, list(results.NOTEBOOKS)))
+    # Every network is measured (10 s per epoch), so every run projects to 10 s per epoch; KD's teacher
+    # pass and CS-KD's second pass, objectives not measured, add a third of an epoch each.
+    extra_epochs = sum(c.epochs for c in plans.kd_students(store) + plans.table2(store)["cskd"])
+    assert total["projected h"] * 3600 == pytest.approx(10 * total["epochs"] + 10 / 3 * extra_epochs)
+
+
+def test_the_command_writes_the_page(store, tmp_path):
+    output = tmp_path / "docs" / "RESULTS.md"
+    assert cdlib_main(["results", "--profile", "cpu", "--output", str(output)]) == 0
+    assert output.read_text().startswith("# Results on real data: profile cpu")
+
+
+def test_a_profile_without_validation_has_no_holdout_row(store):
+    quick = replace(store, validation=0)
+    assert "cd300-holdout" not in results.methods(quick) and "cd300-train_eval" in results.methods(quick)
