@@ -196,6 +196,11 @@ def teacher_of_another_dataset(tmp_path, folder, template):
     return student.replace(dataset="cifar100"), tmp_path / "data"
 
 
+def teacher_of_another_split(tmp_path, folder, template):
+    student = _teacher(folder, template, F)
+    return student.replace(validation=100), None
+
+
 def unreadable_image(tmp_path, folder, template):
     from PIL import Image
     for split in ("train", "test"):
@@ -240,6 +245,8 @@ FAULTS = [
      ["KD teacher faulty-", "model.pt", "cannot be loaded", "Restore the file"], True),
     ("fault-13-teacher-of-another-dataset", teacher_of_another_dataset, "ConfigError",
      ["was trained on 'synthetic'", "trains on 'cifar100'", "name a teacher"], True),
+    ("fault-16-teacher-without-the-students-validation-split", teacher_of_another_split, "ConfigError",
+     ["held 0 training images out", "never saw the student's validation images"], True),
     ("fault-14-unreadable-image", unreadable_image, "DataError", ["cannot decode image", "1.png", "Delete it"], True),
     ("fault-15-crafted-cifar-pickle", crafted_cifar_pickle, "DataError",
      ["io.open", "arbitrary code", "fresh copy"], True),

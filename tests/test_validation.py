@@ -149,3 +149,20 @@ def test_the_eval_mode_training_confusion_is_the_final_networks_on_clean_images(
                 counts[y, p] += 1
     assert np.array_equal(run.confusions("train_eval")[-1], counts)
     assert not np.array_equal(run.confusions("train")[-1], counts)  # train mode, augmented: another matrix
+
+
+@pytest.mark.parametrize("objective, args", [("ls", {}), ("tfkd_reg", {}), ("cskd", {}), ("pskd", {}), ("kd", None)])
+def test_every_objective_trains_on_the_rest_of_the_split(tmp_path, objective, args):
+    """The held-out images never enter training: every objective's per-sample state (PS-KD's stored
+    predictions, CS-KD's same-class partners) is sized and drawn from the remaining training images."""
+    root = tmp_path / "store"
+    configs = []
+    if objective == "kd":
+        teacher = tiny(epochs=2)
+        configs.append(teacher)
+        args = {"teacher": teacher.run_id()}
+    configs.append(tiny(epochs=2, objective=objective, objective_args=args))
+    student = runs.get_or_train_many(configs, device="cpu", root=root, progress=False)[-1]
+    assert student.summary["selection"] == "validation"
+    assert student.confusions("train").sum((1, 2)).tolist() == [1800, 1800]  # 2000 - 200 held out, each epoch
+    assert student.confusions("validation").sum((1, 2)).tolist() == [200, 200]

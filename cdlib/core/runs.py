@@ -141,6 +141,11 @@ def load_teachers(configs: Iterable[TrainConfig], device=None, root: Path | None
             if teacher.config.dataset != student.dataset:
                 raise ConfigError(f"KD teacher {name} was trained on {teacher.config.dataset!r}, but its student "
                                   f"{student.run_id()} trains on {student.dataset!r}; name a teacher of that data set.")
+            if teacher.config.validation != student.validation:
+                # A teacher that trained on the student's validation images would carry them into its targets.
+                raise ConfigError(f"KD teacher {name} held {teacher.config.validation} training images out for "
+                                  f"validation, its student {student.run_id()} {student.validation}; a teacher must "
+                                  f"hold out the same split, so that it never saw the student's validation images.")
         try:
             teachers[name] = teacher.load_model(resolve_device(device))
         except StoreError as err:

@@ -31,7 +31,7 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -243,6 +243,8 @@ def estimate(profile: Profile, device=None, group_size: int | None = None, steps
     every = {c.run_id(): c for runs in by_notebook.values() for c in runs}
     recipe = profile.recipe()
     spec = data_spec(profile.dataset, data_root)
+    # Held-out images are evaluated each epoch, not trained on: a test-sized pass of their own.
+    spec = replace(spec, num_train=spec.num_train - profile.validation, num_test=spec.num_test + profile.validation)
     batch = timing_batch or (recipe.batch_size if cuda else min(recipe.batch_size, 32))
     costs = Costs(batch=batch, scale=recipe.batch_size / batch)
     stored = stored_epoch_seconds(root)
@@ -256,6 +258,8 @@ def estimate(profile: Profile, device=None, group_size: int | None = None, steps
     def size_for(arch: str) -> int:
         return group_size or default_group_size(strategy, arch)
 
+    # Each network at the width the profile trains it (teachers may be wider than students).
+    widths = {c.arch: c.width for c in every.values()}
     remaining = {rid: c.epochs - epochs_done(c, root) for rid, c in every.items()}
     needed: dict[tuple, set] = {}  # (arch, train?) -> group sizes to time
     for c in every.values():
@@ -270,7 +274,8 @@ def estimate(profile: Profile, device=None, group_size: int | None = None, steps
                 continue
             start = time.perf_counter()
             try:
-                t = measure(arch, recipe.replace(arch=arch), spec, device, g, steps, batch, train=train)
+                t = measure(arch, recipe.replace(arch=arch, width=widths.get(arch, recipe.width)), spec, device, g,
+                            steps, batch, train=train)
             except torch.OutOfMemoryError:
                 log(f"  {arch} group {g}: out of memory; using the sizes that fit")
                 if cuda:
@@ -314,7 +319,7 @@ def estimate(profile: Profile, device=None, group_size: int | None = None, steps
                 if teacher_arch(c):
                     t = teacher_arch(c)
                     if t not in flops:
-                        flops[t] = forward_flops(t, c.width, spec.size, spec.num_classes)
+                        flops[t] = forward_flops(t, widths.get(t, c.width), spec.size, spec.num_classes)
                     per_image += flops[t]
                 floor += remaining[c.run_id()] * spec.num_train * per_image / (tflops * 1e12)
         report["notebooks"][nb] = {"runs": len(runs), "to_train": len(todo),
