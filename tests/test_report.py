@@ -99,4 +99,5 @@ def test_failing_or_incomplete_analyses_become_not_measured():
 def test_cli_writes_the_report(capsys):
     path = report.main(["--profile", "smoke"])
     assert path.is_file() and str(path) in capsys.readouterr().out
-    assert "--profile smoke --dataset synthetic" in path.read_text()
+    text = path.read_text()
+    assert "`python -m cdlib report --profile smoke`" in text and 'dataset = "synthetic"' in text  # the resolved profile

@@ -43,10 +43,22 @@ def atomic_write_all(items: Sequence[tuple[Path, Callable[[BinaryIO], object]]])
                 write(f)
         for tmp, path in written:
             os.replace(tmp, path)
-    except OSError as err:
+    except Exception as err:
+        cause = _os_error(err)
+        if cause is None:
+            raise
         for tmp, _ in written:
             tmp.unlink(missing_ok=True)
-        raise write_error(Path(path), err) from err
+        raise write_error(Path(path), cause) from err
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The OSError behind ``err``: itself, or one it was raised while handling. torch.save's zip writer
+    answers a full disk with an OSError, then fails closing the archive with a RuntimeError, depending on
+    the byte where the limit hits."""
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__ or err.__context__
+    return err
 
 
 def write_error(path: Path, err: OSError) -> StoreError:
