@@ -9,8 +9,14 @@ def n_params(model: torch.nn.Module) -> int:
 
 
 # ResNet-18/34/50 are the paper's numbers (PAPER.md section 2). ResNet-101/152 and
-# DenseNet-121 are this code's values, recorded as regression guards, not the paper's.
+# DenseNet-121 are this code's values, recorded as regression guards, not the paper's. The
+# pre-activation ones are the counts of the CS-KD / PS-KD code's CIFAR networks (their released
+# checkpoints must load into these).
 PARAMS_100 = {
+    "preact_resnet18": 11_217_444,
+    "preact_resnet34": 21_325_604,
+    "preact_resnet50": 23_693_604,
+    "cskd_densenet121": 7_048_548,
     "resnet18": 11_220_132,
     "resnet34": 21_328_292,
     "resnet50": 23_705_252,
@@ -18,8 +24,9 @@ PARAMS_100 = {
     "resnet152": 58_341_028,
     "densenet121": 7_048_548,
 }
-FEATURE_DIM = {"resnet18": 512, "resnet34": 512, "resnet50": 2048,
-               "resnet101": 2048, "resnet152": 2048, "densenet121": 1024}
+FEATURE_DIM = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048,
+               "densenet121": 1024, "preact_resnet18": 512, "preact_resnet34": 512, "preact_resnet50": 2048,
+               "cskd_densenet121": 1024}
 
 
 def test_architectures_listed():

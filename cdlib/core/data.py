@@ -271,6 +271,18 @@ def load_cifar(name: str, root: Path | None = None, download: bool = False) -> D
                    superclass_of, superclasses)
 
 
+def load_cifar_test(name: str, root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The test split of ``name`` alone, (N, 32, 32, 3) uint8 images and labels, checked as ``load_cifar``
+    checks it: for evaluating released checkpoints, which need no training images."""
+    spec = _CIFAR[name]
+    folder, looked = _find_folder(name, Path(root) if root else None)
+    if folder is None:
+        raise _not_found(name, looked)
+    images, labels, _ = read_cifar_split(folder / spec["test"], spec["label"], spec["classes"],
+                                         expected=CIFAR_COUNTS["test"])
+    return images, labels
+
+
 # --------------------------------------------------------------------------- image folders
 
 # The extensions torchvision's ImageFolder reads (torchvision.datasets.folder.IMG_EXTENSIONS),

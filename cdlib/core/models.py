@@ -1,8 +1,16 @@
-"""CIFAR networks: post-activation ResNet-18/34/50/101/152 and DenseNet-121.
+"""CIFAR networks: post-activation ResNet-18/34/50/101/152 and DenseNet-121, and the
+pre-activation variants the released CS-KD and PS-KD checkpoints need.
 
-These follow the widely used ``pytorch-cifar100`` definitions (PAPER.md section 2),
-written from the description, not copied. CIFAR images are 32x32, so the stem is a
+The post-activation ones follow the widely used ``pytorch-cifar100`` definitions (PAPER.md
+section 2), written from the description, not copied. CIFAR images are 32x32, so the stem is a
 single 3x3 stride-1 conv with no max-pool; the last stage is then 4x4.
+
+``preact_resnet18/34/50`` and ``cskd_densenet121`` are the networks of the CS-KD and PS-KD
+code (the released Table 2 checkpoints of those rows; PS-KD's ResNet-50 is post-activation and
+is ``resnet50``). They differ from the others where it matters for loading weights: blocks
+normalise before each conv, a projection shortcut is a conv alone applied to the normalised
+input, and no BN follows the last stage; their DenseNet puts the new maps before the old ones
+and has a ReLU in its transitions.
 
 Every network exposes the same three views, because the analysis (Interaction
 Tensor, PCA of features) reads activations as well as logits:
@@ -123,11 +131,61 @@ class ResNet(nn.Module):
         return float32_head(self.classifier, self.features(x))
 
 
-class DenseLayer(nn.Module):
-    """BN-ReLU-conv1x1(4k)-BN-ReLU-conv3x3(k); its k new maps are concatenated to the input."""
+class PreActBlock(nn.Module):
+    """BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus shortcut, no ReLU after the sum (pre-activation)."""
 
-    def __init__(self, in_ch: int, growth: int):
+    expansion = 1
+
+    def __init__(self, in_ch: int, ch: int, stride: int):
         super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, ch, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(ch)
+        self.conv2 = nn.Conv2d(ch, ch, 3, 1, 1, bias=False)
+        self.shortcut = _preact_shortcut(in_ch, ch, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = x if self.shortcut is None else self.shortcut(out)  # a projection sees the normalised input
+        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        return out + shortcut
+
+
+class PreActBottleneck(nn.Module):
+    """BN-ReLU-conv1x1-BN-ReLU-conv3x3(stride)-BN-ReLU-conv1x1(x4) plus shortcut (pre-activation)."""
+
+    expansion = 4
+
+    def __init__(self, in_ch: int, ch: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, ch, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(ch)
+        self.conv2 = nn.Conv2d(ch, ch, 3, stride, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(ch)
+        self.conv3 = nn.Conv2d(ch, ch * 4, 1, bias=False)
+        self.shortcut = _preact_shortcut(in_ch, ch * 4, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        return self.conv3(F.relu(self.bn3(out))) + shortcut
+
+
+def _preact_shortcut(in_ch: int, out_ch: int, stride: int) -> nn.Module | None:
+    if stride == 1 and in_ch == out_ch:
+        return None
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False))
+
+
+class DenseLayer(nn.Module):
+    """BN-ReLU-conv1x1(4k)-BN-ReLU-conv3x3(k); its k new maps are concatenated to the input
+    (after it, or with ``new_first`` before it)."""
+
+    def __init__(self, in_ch: int, growth: int, new_first: bool = False):
+        super().__init__()
+        self.new_first = new_first
         self.body = nn.Sequential(
             nn.BatchNorm2d(in_ch),
             nn.ReLU(inplace=True),
@@ -138,7 +196,7 @@ class DenseLayer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, self.body(x)], dim=1)
+        return torch.cat([self.body(x), x] if self.new_first else [x, self.body(x)], dim=1)
 
 
 class DenseNet(nn.Module):
@@ -147,21 +205,24 @@ class DenseNet(nn.Module):
     Stem: one 3x3 conv to 2k channels, no pooling. Between dense blocks a
     transition BN-conv1x1 (compression 0.5, channels floored) then 2x2 avg-pool;
     like pytorch-cifar100 (and unlike torchvision's DenseNet) the transition has
-    no ReLU. After the last block: BN + ReLU, global average pool, linear.
+    no ReLU. After the last block: BN + ReLU, global average pool, linear. ``cskd=True`` is the
+    CS-KD/PS-KD code's DenseNet: new maps before the old ones, and BN-ReLU-conv transitions.
     """
 
-    def __init__(self, depths: list[int], num_classes: int, width: float = 1.0, growth: int = 32):
+    def __init__(self, depths: list[int], num_classes: int, width: float = 1.0, growth: int = 32,
+                 cskd: bool = False):
         super().__init__()
         growth = _scale(growth, width)
         ch = 2 * growth
         layers: list[nn.Module] = [nn.Conv2d(3, ch, 3, 1, 1, bias=False)]
         for i, depth in enumerate(depths):
             for _ in range(depth):
-                layers.append(DenseLayer(ch, growth))
+                layers.append(DenseLayer(ch, growth, new_first=cskd))
                 ch += growth
             if i < len(depths) - 1:
                 out_ch = int(0.5 * ch)
-                layers += [nn.BatchNorm2d(ch), nn.Conv2d(ch, out_ch, 1, bias=False), nn.AvgPool2d(2)]
+                layers += [nn.BatchNorm2d(ch), *[nn.ReLU(inplace=True)] * cskd, nn.Conv2d(ch, out_ch, 1, bias=False),
+                           nn.AvgPool2d(2)]
                 ch = out_ch
         layers += [nn.BatchNorm2d(ch), nn.ReLU(inplace=True)]
         self.body = nn.Sequential(*layers)
@@ -185,6 +246,12 @@ _BUILDERS = {
     "resnet101": lambda n, w: ResNet(Bottleneck, [3, 4, 23, 3], n, w),
     "resnet152": lambda n, w: ResNet(Bottleneck, [3, 8, 36, 3], n, w),
     "densenet121": lambda n, w: DenseNet([6, 12, 24, 16], n, w),
+    # The CS-KD/PS-KD CIFAR ResNet is ResNet's conv-BN-ReLU stem and stages with pre-activation blocks
+    # (so no BN follows the last stage).
+    "preact_resnet18": lambda n, w: ResNet(PreActBlock, [2, 2, 2, 2], n, w),
+    "preact_resnet34": lambda n, w: ResNet(PreActBlock, [3, 4, 6, 3], n, w),
+    "preact_resnet50": lambda n, w: ResNet(PreActBottleneck, [3, 4, 6, 3], n, w),
+    "cskd_densenet121": lambda n, w: DenseNet([6, 12, 24, 16], n, w, cskd=True),
 }
 ARCHITECTURES = tuple(_BUILDERS)
 

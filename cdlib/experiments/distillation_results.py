@@ -56,6 +56,8 @@ METHOD_LABELS = {
 }
 LEAKY_METHODS = ("cd300-test",)
 CD_REFERENCES = ("cd300", "cd200")   # the leak-free CD rows tested against every other method
+CLAIM5_LINKS = ("tables/05_table2.md", "tables/05_significance.md", "figures/05_fig3a_feature_frequency.png",
+                "figures/05_fig3b_features_per_image.png")
 
 ARCH_LABELS = {"resnet18": "ResNet-18", "resnet34": "ResNet-34", "resnet50": "ResNet-50",
                "resnet101": "ResNet-101", "resnet152": "ResNet-152", "densenet121": "DenseNet-121"}
@@ -482,11 +484,23 @@ def cd_claim(profile: Profile, root=None, features=None,
     not hold on ResNet-18 and DenseNet-121 (PS-KD is higher there); ``paper`` says so.
     """
     cells = table2_runs(profile, root)
+    top1 = {key: _values(run_list, "final_top1") for key, run_list in cells.items()}
+    seeds = {len(v) for v in cells.values()}
     archs = list(dict.fromkeys(arch for _, arch in cells))
+    source = (f"{profile.dataset}, profile {profile.label}, {', '.join(arch_label(a) for a in archs)}, "
+              f"{'/'.join(str(s) for s in sorted(seeds))} seeds per cell, final-epoch top-1")
+    return claim5(top1, features, source, alpha, what="leak-free CD-300 mean final-epoch top-1 over seeds")
+
+
+def claim5(top1: Mapping[tuple[str, str], np.ndarray], features, source: str, alpha: float = 0.05,
+           what: str = "CD-300 mean top-1", links: Sequence[str] = CLAIM5_LINKS) -> Claim:
+    """Claim 5 by ``cd_claim``'s rule from top-1 values per (method, arch) ("cd300", "cskd", "pskd") and,
+    when given, a ``FeatureAnalysis`` with groups "baseline" and "cd"."""
+    archs = list(dict.fromkeys(arch for _, arch in top1))
     parts, holds = [], []
     for arch in archs:
-        cd = _values(cells[("cd300", arch)], "final_top1")
-        others = {m: _values(cells[(m, arch)], "final_top1") for m in ("cskd", "pskd")}
+        cd = top1[("cd300", arch)]
+        others = {m: top1[(m, arch)] for m in ("cskd", "pskd")}
         best_other = max(others, key=lambda m: others[m].mean())
         margin = cd.mean() - others[best_other].mean()
         _, p, note = welch(cd, others[best_other])
@@ -498,9 +512,8 @@ def cd_claim(profile: Profile, root=None, features=None,
     if "resnet34" not in archs:
         parts.append("ResNet-34 is not in this profile, so its margin is not measured")
     verdict_ok = all(holds)
-    rule = (f"accuracy: on every network, leak-free CD-300 mean final-epoch top-1 over seeds > CS-KD and "
-            f"> PS-KD, and the difference to the better of the two significant (Welch's t-test, two-sided "
-            f"p < {alpha:g}; fewer than 2 seeds fails)")
+    rule = (f"accuracy: on every network, {what} > CS-KD and > PS-KD, and the difference to the better of the "
+            f"two significant (Welch's t-test, two-sided p < {alpha:g}; fewer than 2 seeds fails)")
     if features is not None:
         base, cd = features.groups["baseline"], features.groups["cd"]
         feature_ok = cd.n_features < base.n_features and cd.mean_frequency > base.mean_frequency
@@ -513,23 +526,13 @@ def cd_claim(profile: Profile, root=None, features=None,
                      f"({len(base.models)} + {len(cd.models)} models)")
     else:
         rule += "; the feature half was not measured here, so the verdict covers accuracy only"
-    seeds = {len(v) for v in cells.values()}
-    return Claim(
-        5,
-        paper=paper_claim5_text(),
-        ours="; ".join(parts),
-        verdict=SUPPORTED if verdict_ok else NOT_SUPPORTED,
-        rule=rule,
-        source=(f"{profile.dataset}, profile {profile.name}, {', '.join(arch_label(a) for a in archs)}, "
-                f"{'/'.join(str(s) for s in sorted(seeds))} seeds per cell, final-epoch top-1"),
-        links=["tables/05_table2.md", "tables/05_significance.md", "figures/05_fig3a_feature_frequency.png",
-               "figures/05_fig3b_features_per_image.png"],
-    )
+    return Claim(5, paper=paper_claim5_text(), ours="; ".join(parts),
+                 verdict=SUPPORTED if verdict_ok else NOT_SUPPORTED, rule=rule, source=source, links=list(links))
 
 
 __all__ = [
     "METHOD_LABELS", "CD_REFERENCES", "LEAKY_METHODS", "load_runs", "kd_groups", "kd_table", "kd_metrics", "kd_gain",
     "schedule_label", "table1_frame", "table2_runs", "table2_long", "table2_frame", "cd_run", "format_p", "welch",
     "significance_table", "leak_table", "LEAK_FREE_SOURCES", "SOURCE_SPLITS", "test_source_messages",
-    "replay_cd_ema", "offdiagonal_mass", "source_confusions", "cd_ema_frame", "paper_resnet34_margin", "paper_claim5_text", "cd_claim", "arch_label",
+    "replay_cd_ema", "offdiagonal_mass", "source_confusions", "cd_ema_frame", "paper_resnet34_margin", "paper_claim5_text", "cd_claim", "claim5", "arch_label",
 ]

@@ -376,6 +376,9 @@ def interaction_claims(result: FeatureAnalysis, low_frequency: float = LOW_FREQU
         source=source, links=list(links.get(2, [])))
 
     # Claim 3: confidence rises with num_features for the baseline; KD narrows the spread.
+    if any(x.confidence is None for x in kd.values()):
+        return [claim1, claim2, not_measured(3, "needs every model's test-set probabilities, which these tensors "
+                                                "do not come with")]
     correlation = {g: confidence_correlation(x) for g, x in kd.items()}
     spread = {g: float(np.std(x.num_features)) for g, x in kd.items()}
     claim3 = Claim(

@@ -73,6 +73,8 @@ def main(argv=None) -> int:
     parser.add_argument("--download", action="store_true",
                         help="download a missing CIFAR-10/100 into the data root first (needs internet)")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:1 (default: cuda if available)")
+    parser.add_argument("--released", default=None,
+                        help="a local copy of the authors' artifacts: notebooks 03-05 also show their numbers")
     parser.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
     parser.add_argument("--train-only", action="store_true", help="train the notebooks' plans, execute no notebook")
     from cdlib.scaleout.executors import add_executor_arguments
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
     if args.download:
         ensure_downloaded(profile.dataset, args.data_root)
     parameters = {"profile": profile.source, "overrides": overrides_dict(args.overrides), "dataset": args.dataset,
-                  "data_root": args.data_root, "device": args.device}
+                  "data_root": args.data_root, "device": args.device, "released": args.released}
     selected = notebooks(args.only.split(",") if args.only else None)
     print(f"pipeline: {len(selected)} notebooks, profile {profile.label}, outputs in {paths.outputs()}")
     if args.executor != "inprocess" or args.train_only:

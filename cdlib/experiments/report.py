@@ -211,6 +211,12 @@ def render(profile: Profile, claim_list: Sequence[Claim], outputs: Path) -> str:
         lines.append("None yet: run the notebooks.")
     for notebook, files in listing.items():
         lines.append(f"- notebook {notebook}: " + ", ".join(_link(p) for p in files))
+    released = outputs / "released" / "REPORT_SECTION.md"  # written by python -m cdlib released --folder PATH
+    lines += [""] + ([released.read_text().rstrip()] if released.is_file() else [
+        "## From the authors' released artifacts", "",
+        "Not computed yet: download the authors' checkpoints and Interaction Tensors (Hugging Face dataset "
+        "`KangWooya/WDSL-tensors`) and run `python -m cdlib released --folder PATH`; this section then holds "
+        "Table 2, Section 4.1, the Figure 1/3 statistics and claims 1, 2 and 5 computed from them."])
     return "\n".join(lines) + "\n"
 
 
