@@ -58,22 +58,32 @@ def _finished(configs: Sequence[TrainConfig], root=None) -> list[run_store.Run]:
     return [run_store.find_run(c.run_id(), root) for c in configs if run_store.is_finished(run_store.run_dir(c, root))]
 
 
+def _model_epoch_seconds(run: run_store.Run) -> pd.Series:
+    """Wall time of each epoch (training and every evaluation) per model: a fused group's epoch time
+    is shared by its members."""
+    metrics = run.metrics
+    return metrics["seconds"] / (metrics["group_size"] if "group_size" in metrics else 1)
+
+
 def _epoch_seconds(run: run_store.Run) -> float:
-    """Median wall time of one epoch (training and every evaluation) of a finished run."""
-    return float(run.metrics["seconds"].median())
+    """The fastest epoch of a run, per model: on a shared machine the least disturbed one."""
+    return float(_model_epoch_seconds(run).min())
 
 
 def timing_table(profile: Profile, root=None) -> pd.DataFrame:
-    """Per (network, width, objective) of the finished runs: runs, epochs, seconds per epoch (median)."""
+    """Per (network, width, objective) of the finished runs: runs, epochs, seconds per epoch and model
+    (the fastest epoch, and the median), and the training hours they took."""
     rows = [{"network": dr.arch_label(r.config.arch), "width": r.config.width, "objective": r.config.objective,
-             "epochs": r.config.epochs, "s / epoch": _epoch_seconds(r), "train s": r.summary["train_seconds"]}
+             "epochs": r.config.epochs, "fastest": _epoch_seconds(r), "median": float(_model_epoch_seconds(r).median()),
+             "train s": float(_model_epoch_seconds(r).sum())}
             for r in _finished(plan(profile), root)]
     if not rows:
-        return pd.DataFrame(columns=["network", "width", "objective", "runs", "epochs", "s / epoch", "train h"])
+        return pd.DataFrame(columns=["network", "width", "objective", "runs", "epochs", "s / epoch (fastest)",
+                                     "s / epoch (median)", "train h"])
     frame = pd.DataFrame(rows)
     out = frame.groupby(["network", "width", "objective"], sort=False).agg(
-        runs=("epochs", "size"), epochs=("epochs", "sum"), **{"s / epoch": ("s / epoch", "median")},
-        **{"train h": ("train s", "sum")}).reset_index()
+        runs=("epochs", "size"), epochs=("epochs", "sum"), **{"s / epoch (fastest)": ("fastest", "min")},
+        **{"s / epoch (median)": ("median", "median")}, **{"train h": ("train s", "sum")}).reset_index()
     out["train h"] /= 3600
     out["width"] = [f"{w:g}" for w in out["width"]]
     return out
@@ -86,7 +96,7 @@ def _rates(profile: Profile, root=None) -> dict[tuple, float]:
     for r in found:
         for key in ((r.config.arch, r.config.width, r.config.objective), (r.config.arch, r.config.width)):
             rates.setdefault(key, []).append(_epoch_seconds(r))
-    return {k: float(np.median(v)) for k, v in rates.items()}
+    return {k: float(min(v)) for k, v in rates.items()}
 
 
 def projected_seconds(config: TrainConfig, rates: dict[tuple, float], teacher_width: float) -> float:
@@ -259,13 +269,14 @@ def render(profile: Profile, root=None) -> str:
         "",
         "## Time on this machine",
         "",
-        "Measured: the median wall time of one epoch (training, then evaluation on validation and test) of "
-        "the finished runs. The machine may have run other work at the same time, so these are upper bounds.",
+        "Measured: the wall time of one epoch (training, then evaluation on validation and test) per model, "
+        "of the finished runs: the fastest epoch and the median (runs trained as a fused group share each "
+        "epoch's time). The machine ran other work during some runs; the fastest epoch is the least disturbed.",
         "",
         md(timing_table(profile, root)),
         "",
         "Projected: every run the five notebooks train for this profile (each counted at its first notebook), "
-        "at the measured seconds per epoch of its network and objective, or of its network's cross-entropy "
+        "at the fastest measured seconds per epoch of its network and objective, or of its network's cross-entropy "
         f"runs plus {FORWARD_SHARE:.2f} of an epoch per extra forward pass (KD's teacher, CS-KD's second "
         "pass) where that objective was not measured. Training only: the notebooks' analyses (Interaction "
         "Tensor, confusion measures) come on top. A blank is a network not measured yet.",
