@@ -26,7 +26,7 @@ from typing import Mapping, Sequence
 import torch
 
 from cdlib.core.config import TrainConfig
-from cdlib.errors import ConfigError, UserError
+from cdlib.errors import ConfigError
 
 PAPER_EPOCHS = 200  # the paper's baseline schedule; other profiles scale every schedule by epochs / 200
 BUILTIN = Path(__file__).resolve().parent.parent / "profiles"
@@ -245,4 +245,4 @@ def profile_from_args(args, announce: bool = True) -> Profile:
 
 
 __all__ = ["Profile", "PAPER_EPOCHS", "get_profile", "load_profile", "builtin_names", "parse_override",
-           "overrides_dict", "add_profile_arguments", "profile_from_args", "UserError"]
+           "overrides_dict", "add_profile_arguments", "profile_from_args"]
