@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 import random
 import signal
@@ -30,6 +31,7 @@ from cdlib.core.config import TrainConfig
 from cdlib.core.data import DeviceData, synthetic
 from cdlib.core.models import build_model
 from cdlib.core.util import true_fp32
+from engine_reference import fingerprint
 
 FILES = {"metrics.jsonl", "model.pt", "test_logits.npy", "confusions.npz", "summary.json"}
 REFERENCE = Path(__file__).parent / "data" / "engine_reference.json"
@@ -90,23 +92,30 @@ def assert_same_run(single: Path, other: Path, rel: float = 1e-4):
 
 # --------------------------------------------------------------------------- N = 1 is the previous engine
 
-def fingerprint(state: dict) -> dict:
-    """Per tensor: sum, sum of squares and a seeded random projection (float64)."""
-    g = torch.Generator().manual_seed(0)
-    out = {}
-    for k, v in state.items():
-        v = v.double().flatten()
-        out[k] = [v.sum().item(), (v * v).sum().item(), (v * torch.randn(v.numel(), generator=g, dtype=torch.float64)).sum().item()]
-    return out
+def state_distance(got: dict, expected: dict) -> float:
+    """|got - expected| / |expected| over all weights, from fingerprints: the seeded projection of a
+    difference has the difference's squared norm as its expected square, summed over tensors."""
+    return math.sqrt(sum((got[k][2] - expected[k][2]) ** 2 for k in expected) / sum(v[1] for v in expected.values()))
+
+
+# How far the previous engine's weights and losses may lie from today's. On one machine they agree
+# bitwise; across instruction sets (measured with ONEDNN_MAX_CPU_ISA=AVX2 and SSE41 against
+# AVX-512) the ResNet runs lie <= 6e-8 apart in weights and <= 5e-7 in loss, and the one-epoch
+# DenseNet run 4e-6 and 1e-7. A weight decay 10% off moves the ResNet weights by 1.6e-6, a momentum
+# 1% off by >= 1e-4. DenseNet's 121 layers amplify rounding ~100x more (three epochs at lr 0.02:
+# 1e-3 between instruction sets), so its check only catches a wrong network, data or objective.
+STATE_TOLERANCE = {"resnet18": 1e-6, "densenet121": 1e-4}
+LOSS_TOLERANCE = 1e-5
 
 
 def test_single_runs_match_the_previous_engine(tmp_path, data):
     """``tests/data/engine_reference.json`` holds fingerprints of the weights that commit dbcac7b's
     ``cdlib.train.fit`` (the engine before this one: objectives ran the network) wrote for these
-    configs on this data, single-threaded on the CPU; today's engine must reproduce them to rounding
-    (on the machine that wrote them: bitwise)."""
+    configs on this data, single-threaded on the CPU (``tests/engine_reference.py`` wrote it);
+    today's engine must reproduce them to the rounding of the CPU it runs on."""
     reference = json.loads(REFERENCE.read_text())
-    for name in ("ce", "densenet_ce", "ls", "cskd", "pskd", "cd", "kd"):  # kd last: "ce" is its teacher
+    assert list(reference)[-1] == "kd"  # "ce" is its teacher
+    for name in reference:
         config = TrainConfig.from_dict(reference[name]["config"])
         teachers = None
         if name == "kd":
@@ -116,11 +125,10 @@ def test_single_runs_match_the_previous_engine(tmp_path, data):
         got = fingerprint(torch.load(tmp_path / name / "model.pt", weights_only=True))
         expected = reference[name]["weights"]
         assert list(got) == list(expected)
-        for key in got:
-            np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-7, err_msg=f"{name} {key}")
+        assert state_distance(got, expected) < STATE_TOLERANCE[config.arch], name
         metrics = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         for line, ref in zip(metrics, reference[name]["metrics"], strict=True):
-            assert {k: line[k] for k in ref} == pytest.approx(ref, rel=1e-5)
+            assert {k: line[k] for k in ref} == pytest.approx(ref, rel=LOSS_TOLERANCE), name
 
 
 # --------------------------------------------------------------------------- strategies
