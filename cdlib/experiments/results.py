@@ -73,17 +73,20 @@ def _epoch_seconds(run: run_store.Run) -> float:
 def timing_table(profile: Profile, root=None) -> pd.DataFrame:
     """Per (network, width, objective) of the finished runs: runs, epochs, seconds per epoch and model
     (the fastest epoch, and the median), and the training hours they took."""
-    rows = [{"network": dr.arch_label(r.config.arch), "width": r.config.width, "objective": r.config.objective,
-             "epochs": r.config.epochs, "fastest": _epoch_seconds(r), "median": float(_model_epoch_seconds(r).median()),
-             "train s": float(_model_epoch_seconds(r).sum())}
-            for r in _finished(plan(profile), root)]
+    rows = []
+    for r in _finished(plan(profile), root):
+        seconds = _model_epoch_seconds(r)
+        rows.append({"network": dr.arch_label(r.config.arch), "width": r.config.width, "objective": r.config.objective,
+                     "epochs": r.config.epochs, "fastest": float(seconds.min()), "median": float(seconds.median()),
+                     "train s": float(seconds.sum())})
     if not rows:
         return pd.DataFrame(columns=["network", "width", "objective", "runs", "epochs", "s / epoch (fastest)",
                                      "s / epoch (median)", "train h"])
     frame = pd.DataFrame(rows)
     out = frame.groupby(["network", "width", "objective"], sort=False).agg(
-        runs=("epochs", "size"), epochs=("epochs", "sum"), **{"s / epoch (fastest)": ("fastest", "min")},
-        **{"s / epoch (median)": ("median", "median")}, **{"train h": ("train s", "sum")}).reset_index()
+        runs=("epochs", "size"), epochs=("epochs", "sum"),
+        **{"s / epoch (fastest)": ("fastest", "min"), "s / epoch (median)": ("median", "median"),
+           "train h": ("train s", "sum")}).reset_index()
     out["train h"] /= 3600
     out["width"] = [f"{w:g}" for w in out["width"]]
     return out
