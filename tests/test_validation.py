@@ -12,7 +12,6 @@ from cdlib.core import runs
 from cdlib.core.calibration import expected_calibration_error
 from cdlib.core.config import TrainConfig
 from cdlib.core.data import DataError, DeviceData, hold_out, synthetic, validation_indices
-from cdlib.core.engine import fit
 from cdlib.errors import ConfigError
 from cdlib.experiments import distillation_results as dr
 

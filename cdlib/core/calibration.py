@@ -19,6 +19,5 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins:
     correct = (prediction == labels).double()
     # Bin i holds confidences in (i / bins, (i + 1) / bins]; a confidence is always > 1 / C > 0.
     which = (confidence * bins).ceil().long().clamp(1, bins) - 1
-    count = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, torch.ones_like(confidence))
     gap = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, correct - confidence)
     return 100 * gap.abs().sum().item() / len(labels)

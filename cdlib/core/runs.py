@@ -104,6 +104,18 @@ def is_finished(folder: Path) -> bool:
     return (Path(folder) / "summary.json").is_file()
 
 
+def split_finished(configs: Iterable[TrainConfig], root: Path | None = None) -> tuple[list[Run], list[str]]:
+    """The finished runs of ``configs``, in order, and the run ids of the others."""
+    done, missing = [], []
+    for config in configs:
+        folder = run_dir(config, root)
+        if is_finished(folder):
+            done.append(Run(folder, config))
+        else:
+            missing.append(config.run_id())
+    return done, missing
+
+
 def _tidy(folder: Path) -> None:
     """Remove what a worker killed after finishing a run leaves behind: its checkpoint and its lock."""
     engine.remove_leftover_checkpoint(folder)

@@ -216,17 +216,6 @@ class DarkKnowledgeResult:
 # The analysis
 
 
-def _finished(configs: Sequence[TrainConfig], root: Path | None) -> tuple[list[runs.Run], list[str]]:
-    done, missing = [], []
-    for c in configs:
-        folder = runs.run_dir(c, root)
-        if runs.is_finished(folder):
-            done.append(runs.Run(folder, c))
-        else:
-            missing.append(c.run_id())
-    return done, missing
-
-
 def required_runs(profile: Profile) -> list[TrainConfig]:
     """The runs the analysis needs finished: the profile's feature baselines and teachers."""
     return plans.feature_baselines(profile) + plans.teachers(profile)
@@ -243,8 +232,8 @@ def analyse(profile: Profile, data_root=None, data=None, root: Path | None = Non
     curves; ``max_epoch_points`` evaluates at most that many evenly spaced epochs per run
     (the last one always included).
     """
-    baselines, missing_b = _finished(plans.feature_baselines(profile), root)
-    teachers, missing_t = _finished(plans.teachers(profile), root)
+    baselines, missing_b = runs.split_finished(plans.feature_baselines(profile), root)
+    teachers, missing_t = runs.split_finished(plans.teachers(profile), root)
     if missing_b or missing_t:
         raise MissingRunsError(
             f"profile {profile.name} on {profile.dataset}: runs not trained: {missing_b + missing_t} "
@@ -283,7 +272,7 @@ def analyse(profile: Profile, data_root=None, data=None, root: Path | None = Non
 
     epochs = pd.DataFrame()
     if over_epochs:
-        cd_runs, missing_cd = _finished(plans.cd_feature_models(profile), root)
+        cd_runs, missing_cd = runs.split_finished(plans.cd_feature_models(profile), root)
         if missing_cd:
             notes.append(f"CD models not in the run store (not trained here): {len(missing_cd)} of "
                          f"{len(missing_cd) + len(cd_runs)}; their curves are left out.")

@@ -23,7 +23,6 @@ sample std (ddof = 1) and ``95% CI`` the half-width of the t-interval over seeds
 from __future__ import annotations
 
 import warnings
-from types import SimpleNamespace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -81,7 +80,7 @@ def load_runs(configs: Sequence[TrainConfig], root=None) -> list[run_store.Run]:
     return found
 
 
-def _values(run_list: Sequence[run_store.Run], metric: str) -> np.ndarray:
+def summary_values(run_list: Sequence[run_store.Run], metric: str) -> np.ndarray:
     """``metric`` of each run's summary; NaN where a run predates it (NLL, ECE and the selected epoch
     were added to summaries later)."""
     return np.array([r.summary.get(metric, np.nan) for r in run_list], dtype=np.float64)
@@ -95,7 +94,7 @@ def _summary_row(run_list: Sequence[run_store.Run]) -> dict:
     """n and, per accuracy column and best_epoch, mean / std / ci95 over the runs."""
     row = {"n": len(run_list)}
     for metric in ROW_METRICS:
-        mean, std, ci, _ = tables.mean_std_ci(_values(run_list, metric))
+        mean, std, ci, _ = tables.mean_std_ci(summary_values(run_list, metric))
         row.update({f"{metric}_mean": mean, f"{metric}_std": std, f"{metric}_ci95": ci})
     return row
 
@@ -151,7 +150,7 @@ def kd_gain(profile: Profile, root=None) -> pd.DataFrame:
     groups = {g: load_runs(c, root) for g, c in kd_groups(profile).items()}
     rows = []
     for metric in ("final_top1", "best_top1"):
-        a, b = _values(groups["KD student"], metric), _values(groups["baseline"], metric)
+        a, b = summary_values(groups["KD student"], metric), summary_values(groups["baseline"], metric)
         t, p, note = welch(a, b)
         rows.append({"metric": metric, "KD student": a.mean(), "baseline": b.mean(),
                      "difference": a.mean() - b.mean(), "t": round(t, 3), "p (Welch)": format_p(p),
@@ -293,11 +292,11 @@ def significance_table(profile: Profile, root=None, metric: str = "final_top1",
     rows = []
     for arch in archs:
         for ref in references:
-            a = _values(cells[(ref, arch)], metric)
+            a = summary_values(cells[(ref, arch)], metric)
             for method in methods:
                 if method == ref:
                     continue
-                b = _values(cells[(method, arch)], metric)
+                b = summary_values(cells[(method, arch)], metric)
                 t, p, note = welch(a, b)
                 if method in LEAKY_METHODS:
                     note = "; ".join(filter(None, ["test-source run: its test accuracy is not held out", note]))
@@ -337,7 +336,7 @@ def leak_table(profile: Profile, root=None, cells: Mapping | None = None) -> pd.
             if (method, arch) not in cells:
                 continue
             for metric, label in (("final_top1", "final top-1"), selected):
-                a, b = _values(cells[(method, arch)], metric), _values(test_runs, metric)
+                a, b = summary_values(cells[(method, arch)], metric), summary_values(test_runs, metric)
                 t, p, note = welch(b, a)
                 rows.append({"network": arch_label(arch), "leak-free source": source, "metric": label,
                              "leak-free": tables.format_mean_std(*tables.mean_std_ci(a)[:2]),
@@ -484,7 +483,7 @@ def cd_claim(profile: Profile, root=None, features=None,
     not hold on ResNet-18 and DenseNet-121 (PS-KD is higher there); ``paper`` says so.
     """
     cells = table2_runs(profile, root)
-    top1 = {key: _values(run_list, "final_top1") for key, run_list in cells.items()}
+    top1 = {key: summary_values(run_list, "final_top1") for key, run_list in cells.items()}
     seeds = {len(v) for v in cells.values()}
     archs = list(dict.fromkeys(arch for _, arch in cells))
     source = (f"{profile.dataset}, profile {profile.label}, {', '.join(arch_label(a) for a in archs)}, "
@@ -533,6 +532,6 @@ def claim5(top1: Mapping[tuple[str, str], np.ndarray], features, source: str, al
 __all__ = [
     "METHOD_LABELS", "CD_REFERENCES", "LEAKY_METHODS", "load_runs", "kd_groups", "kd_table", "kd_metrics", "kd_gain",
     "schedule_label", "table1_frame", "table2_runs", "table2_long", "table2_frame", "cd_run", "format_p", "welch",
-    "significance_table", "leak_table", "LEAK_FREE_SOURCES", "SOURCE_SPLITS", "test_source_messages",
+    "significance_table", "leak_table", "summary_values", "LEAK_FREE_SOURCES", "SOURCE_SPLITS", "test_source_messages",
     "replay_cd_ema", "offdiagonal_mass", "source_confusions", "cd_ema_frame", "paper_resnet34_margin", "paper_claim5_text", "cd_claim", "claim5", "arch_label",
 ]

@@ -20,7 +20,6 @@ missing, or whose analysis raises, is reported as "not measured" with the reason
 from __future__ import annotations
 
 import os
-import sys
 import traceback
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -60,7 +59,7 @@ MAX_REASON = 400
 
 
 def _unfinished(configs, root: Path | None = None) -> list[str]:
-    return [c.run_id() for c in plans.unique(list(configs)) if not runs.is_finished(runs.run_dir(c, root))]
+    return runs.split_finished(plans.unique(list(configs)), root)[1]
 
 
 def _missing_reason(missing: Sequence[str], total: int, notebook: str) -> str:

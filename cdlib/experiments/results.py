@@ -54,10 +54,6 @@ def plan(profile: Profile) -> list[TrainConfig]:
 
 # ----------------------------------------------------------------------------- measurements
 
-def _finished(configs: Sequence[TrainConfig], root=None) -> list[run_store.Run]:
-    return [run_store.find_run(c.run_id(), root) for c in configs if run_store.is_finished(run_store.run_dir(c, root))]
-
-
 def _model_epoch_seconds(run: run_store.Run) -> pd.Series:
     """Wall time of each epoch (training and every evaluation) per model: a fused group's epoch time
     is shared by its members."""
@@ -74,7 +70,7 @@ def timing_table(profile: Profile, root=None) -> pd.DataFrame:
     """Per (network, width, objective) of the finished runs: runs, epochs, seconds per epoch and model
     (the fastest epoch, and the median), and the training hours they took."""
     rows = []
-    for r in _finished(plan(profile), root):
+    for r in run_store.split_finished(plan(profile), root)[0]:
         seconds = _model_epoch_seconds(r)
         rows.append({"network": dr.arch_label(r.config.arch), "width": r.config.width, "objective": r.config.objective,
                      "epochs": r.config.epochs, "fastest": float(seconds.min()), "median": float(seconds.median()),
@@ -94,7 +90,7 @@ def timing_table(profile: Profile, root=None) -> pd.DataFrame:
 
 def _rates(profile: Profile, root=None) -> dict[tuple, float]:
     """Measured seconds per epoch by (arch, width, objective), and by (arch, width) over objectives."""
-    found = _finished(plan(profile), root)
+    found = run_store.split_finished(plan(profile), root)[0]
     rates: dict[tuple, list[float]] = {}
     for r in found:
         for key in ((r.config.arch, r.config.width, r.config.objective), (r.config.arch, r.config.width)):
@@ -163,14 +159,14 @@ def verdicts(profile: Profile, cells: dict, root=None) -> pd.DataFrame:
     """The questions these runs answer, each by one rule: the first group's mean final top-1 is higher and
     Welch's two-sided p < 0.05. The paper's difference (CIFAR-100, ResNet-18, best epoch) stands beside."""
     arch = profile.student_arch
-    final = lambda method: dr._values(cells.get((method, arch), []), "final_top1")  # noqa: E731
+    final = lambda method: dr.summary_values(cells.get((method, arch), []), "final_top1")  # noqa: E731
     paper_diff = lambda a, b: (None if paper.table2(a, arch) is None or paper.table2(b, arch) is None  # noqa: E731
                                else paper.table2(a, arch) - paper.table2(b, arch))
     rows = []
-    teachers = _finished(plans.teachers(profile)[:profile.seeds], root)
+    teachers = run_store.split_finished(plans.teachers(profile)[:profile.seeds], root)[0]
     if teachers:
         rows.append(_verdict("teachers are stronger than the students' baselines",
-                             dr._values(teachers, "final_top1"), final("baseline"), None,
+                             dr.summary_values(teachers, "final_top1"), final("baseline"), None,
                              f"{dr.arch_label(profile.teacher_arch)} width {profile.teacher_width or profile.width} "
                              f"vs {dr.arch_label(arch)} width {profile.width}"))
     for other in ("baseline", "ls", "pskd"):
@@ -213,7 +209,7 @@ def _machine() -> str:
 
 def render(profile: Profile, root=None) -> str:
     configs = plan(profile)
-    missing = [c.run_id() for c in configs if not run_store.is_finished(run_store.run_dir(c, root))]
+    missing = run_store.split_finished(configs, root)[1]
     cells = dr.table2_runs(profile, root, methods=methods(profile), finished_only=True)
     cells = {k: v for k, v in cells.items() if k[1] == profile.student_arch}
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -241,8 +237,8 @@ def render(profile: Profile, root=None) -> str:
         "",
         "## Accuracy and calibration",
         "",
-        f"Test-set numbers of each method, mean ± sample std over seeds; `95% CI` is the half-width of the "
-        f"t-interval of the final top-1. "
+        "Test-set numbers of each method, mean ± sample std over seeds; `95% CI` is the half-width of the "
+        "t-interval of the final top-1. "
         + ("`val-selected` is the test top-1 at the epoch of highest validation top-1. " if profile.validation else "")
         + "`best (test-selected)` is the test top-1 at the epoch of highest *test* top-1: selection on the test "
         "set, which is what the paper reports. NLL is the mean test cross-entropy, ECE the expected calibration "
