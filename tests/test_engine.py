@@ -64,6 +64,10 @@ def _flat(state):
     return torch.cat([v.flatten().double() for v in state.values() if v.is_floating_point()])
 
 
+def relative_distance(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
 def assert_same_run(single: Path, other: Path, rel: float = 1e-4):
     """``other`` ends as ``single`` (trained alone, eager) does, to rounding."""
     names = lambda d: {p.name for p in d.iterdir()} - {"config.json", "attempts.jsonl", "lock.json"}  # noqa: E731
@@ -72,7 +76,7 @@ def assert_same_run(single: Path, other: Path, rel: float = 1e-4):
     b = torch.load(other / "model.pt", weights_only=True)
     assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a if not a[k].is_floating_point())  # BN batch counters
-    diff = ((_flat(a) - _flat(b)).norm() / _flat(a).norm()).item()
+    diff = relative_distance(_flat(b), _flat(a))
     assert diff < rel, diff
     ma = [json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()]
     mb = [json.loads(x) for x in (other / "metrics.jsonl").read_text().splitlines()]
@@ -277,18 +281,24 @@ def test_three_runs_resume_after_sigkill_to_the_uninterrupted_weights(strategy, 
            json.dumps([str(d) for d in killed]), strategy]
     _kill_during_training(killed[0], cmd, tmp_path, seed=1)
     assert not all((d / "summary.json").exists() for d in killed), "finished before the kill: nothing was tested"
+    left = {d.name: sorted(p.name for p in d.iterdir()) for d in killed}  # where the kill landed, should this fail
     engine.train(configs, killed, data=data, progress=False, strategy=strategy)
     for a, b in zip(straight, killed):
         wa, wb = (torch.load(d / "model.pt", weights_only=True) for d in (a, b))
-        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), (
+            f"{b.name}: weights {relative_distance(_flat(wb), _flat(wa)):.1e} apart (relative); "
+            f"the kill left {left}")
         assert [json.loads(x)["epoch"] for x in (b / "metrics.jsonl").read_text().splitlines()] == list(range(1, 9))
 
 
-def test_members_at_different_epochs_resume_apart_then_match(tmp_path, data, monkeypatch):
+@pytest.mark.parametrize("temporary_file", ["whole", "damaged"])
+def test_a_kill_between_the_renames_of_a_groups_checkpoints(temporary_file, tmp_path, data, monkeypatch):
     """Killed between the renames of two members' checkpoints (members at epochs 2 and 1, a metrics
-    line past the second's checkpoint): they resume apart and end as the uninterrupted runs, to
-    rounding (a fused group of another size sums in another order); a single ``fit`` resumes a
-    member from a checkpoint written by a fused group."""
+    line past the second's checkpoint). With the second's new checkpoint whole under its temporary
+    name, the rename is completed and the group resumes to the uninterrupted weights, bitwise.
+    Damaged, it is ignored: the members resume apart (a single ``fit`` from a checkpoint written by
+    a fused group, then the other) and end as the uninterrupted runs to rounding (a fused group of
+    another size sums in another order)."""
     configs = [recipe(objective="cskd", seed=s, epochs=3) for s in range(2)]
     straight = [tmp_path / f"straight-{i}" for i in range(2)]
     engine.train(configs, straight, data=data, progress=False, strategy="fused")
@@ -313,10 +323,21 @@ def test_members_at_different_epochs_resume_apart_then_match(tmp_path, data, mon
     monkeypatch.setattr(os, "replace", real_replace)
     assert [torch.load(d / engine.CHECKPOINT, weights_only=True)["epoch"] for d in killed] == [2, 1]
     assert len((killed[1] / "metrics.jsonl").read_text().splitlines()) == 2  # a line past its checkpoint
-    engine.fit(configs[1], killed[1], data=data, progress=False)  # eager, from a fused checkpoint
-    engine.train(configs, killed, data=data, progress=False, strategy="fused")
-    for a, b in zip(straight, killed):
-        assert_same_run(a, b)
+    cut = killed[1] / (engine.CHECKPOINT + ".tmp")
+    if temporary_file == "whole":
+        engine.train(configs, killed, data=data, progress=False, strategy="fused")
+        for a, b in zip(straight, killed):
+            wa, wb = (torch.load(d / "model.pt", weights_only=True) for d in (a, b))
+            assert all(torch.equal(wa[k], wb[k]) for k in wa)
+            assert json.loads((b / "summary.json").read_text())["group_size"] == 2
+    else:
+        cut.write_bytes(cut.read_bytes()[:1000])
+        engine.fit(configs[1], killed[1], data=data, progress=False)  # eager, from a fused checkpoint
+        engine.train(configs, killed, data=data, progress=False, strategy="fused")
+        for a, b in zip(straight, killed):
+            assert_same_run(a, b)
+        assert [json.loads((d / "summary.json").read_text())["group_size"] for d in killed] == [1, 1]
+    assert not cut.exists()
 
 
 def test_a_diverging_member_stops_and_the_others_finish(tmp_path, data, monkeypatch):
@@ -417,7 +438,10 @@ def test_fused_network_is_the_members_side_by_side(arch):
         out = network(stacked)
         assert out.shape == (5, 3, 4)
         for i, (m, x) in enumerate(zip(members, xs)):
-            torch.testing.assert_close(out[:, i], m(x), rtol=1e-4, atol=1e-5)
+            # Grouped and plain convolutions sum in other orders: through ResNet-50 on an AVX2 CPU the
+            # logits lie 2e-5 of their norm apart (one of them 6e-4 of its own small value); another
+            # member's weights or batch would lie 0.4 to 2 apart.
+            assert relative_distance(out[:, i], m(x)) < 1e-4
     for i, m in enumerate(members):
         back, ref = fused.member_state(network, 3, i), m.state_dict()
         for k in ref:

@@ -16,7 +16,9 @@ Every file goes to a temporary name first and is then renamed (``util.atomic_wri
 so a process killed at any byte leaves each file whole, old or new. The checkpoint
 holds everything a resume needs, the metrics history included: ``metrics.jsonl`` is
 a view of it, rewritten from it on resume (lines written after the last checkpoint
-are dropped and redone). A write that fails for lack of space stops the run with a
+are dropped and redone). A group's checkpoints are all written before any is renamed;
+a kill between those renames is completed on resume (``checkpoint_cut_in_renames``), so
+the group resumes together. A write that fails for lack of space stops the run with a
 ``StoreError`` and leaves the last good checkpoint.
 
 The engine runs every forward pass (objectives score logits, ``cdlib.core.objectives``):
@@ -49,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import pickle
 import time
 import warnings
@@ -67,7 +70,7 @@ from cdlib.core.data import Batch, DeviceData, hold_out, load_dataset
 from cdlib.core.models import build_model
 from cdlib.core.objectives import EpochEnd, make_objective
 from cdlib.core.util import (add_counts, atomic_save, atomic_write, atomic_write_all, atomic_write_text, progress,
-                             read_json, resolve_device)
+                             read_json, resolve_device, temporary_path)
 from cdlib.errors import ConfigError, StoreError, UserError
 
 CHECKPOINT = "checkpoint.pt"
@@ -215,8 +218,12 @@ class CompiledModule:
 
     def __init__(self, module: nn.Module, cuda: bool):
         self.module = module
-        # CUDA graphs ("reduce-overhead") on CUDA; inductor's default elsewhere.
-        self.compiled = torch.compile(module, mode="reduce-overhead" if cuda else None, dynamic=False)
+        # CUDA graphs ("reduce-overhead") on CUDA. On the CPU, inductor's layout optimisation is off: it
+        # makes convolutions channels_last, and oneDNN's 1x1 stride-2 weight gradient in that layout
+        # writes out of bounds below 8 (AVX2) or 16 (AVX-512) input channels (oneDNN issue 6035):
+        # crashes, hangs or wrong gradients at narrow widths (docs/BENCHMARKS.md).
+        self.compiled = (torch.compile(module, mode="reduce-overhead", dynamic=False) if cuda else
+                         torch.compile(module, dynamic=False, options={"layout_optimization": False}))
         self.cuda = cuda
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -495,6 +502,24 @@ def load_checkpoint(path: Path, config: TrainConfig | None = None, device=None) 
     return state
 
 
+def checkpoint_cut_in_renames(run_dir: Path, config: TrainConfig, device, epoch: int) -> dict | None:
+    """The checkpoint of ``epoch`` that a kill between the renames of a group's checkpoints left under
+    its temporary name (``atomic_write_all`` writes them all before renaming any), now renamed into
+    place; None where there is none. Moved forward, the member resumes with its group, exactly:
+    apart, a fused group of another size would sum in another order."""
+    tmp = temporary_path(run_dir / CHECKPOINT)
+    if not tmp.is_file():
+        return None
+    try:
+        state = load_checkpoint(tmp, config, device)
+    except CheckpointError:  # a write cut short, of an earlier epoch
+        return None
+    if state["epoch"] != epoch:
+        return None
+    os.replace(tmp, run_dir / CHECKPOINT)
+    return state
+
+
 def history_from_metrics(run_dir: Path, epochs: int) -> list[dict]:
     """The first ``epochs`` lines of ``metrics.jsonl``, for checkpoints of format 1 (which lack the history)."""
     path = run_dir / "metrics.jsonl"
@@ -601,8 +626,8 @@ def _train_from(members: list[Member], run_dirs: list[Path], data: DeviceData, d
             m.history.append({"epoch": e + 1, **train_record, **evaluated, "seconds": seconds,
                               "group_size": engine.n})
             write_metrics(run_dir, m.history)
-        # All members' checkpoints at once: runs left at different epochs would resume apart, and a
-        # fused group of another size sums in another order (equal to rounding, not bitwise).
+        # All members' checkpoints at once, so the group resumes together: runs left at different epochs
+        # would resume apart, and a fused group of another size sums in another order (not bitwise).
         checkpoints = [m.checkpoint(model_state, optimizer_state, device)
                        for m, (model_state, optimizer_state) in zip(members, engine.states())]
         atomic_write_all([(run_dir / CHECKPOINT, lambda f, c=c: torch.save(c, f))
@@ -653,7 +678,12 @@ def train(configs: Sequence[TrainConfig], run_dirs: Sequence[str | Path], *, dat
             path = run_dirs[i] / CHECKPOINT
             if path.is_file():
                 members[i].load(load_checkpoint(path, configs[i], device), run_dirs[i])
-        # Members at different epochs (a kill between two checkpoint writes) train apart, the lowest first.
+        newest = max(m.epoch for m in members.values())
+        for i in pending:
+            if members[i].epoch < newest and (state := checkpoint_cut_in_renames(run_dirs[i], configs[i], device,
+                                                                                 newest)):
+                members[i].load(state, run_dirs[i])
+        # Members still at different epochs (trained in other groups before) train apart, the lowest first.
         epoch = min(m.epoch for m in members.values())
         chosen = [i for i in pending if members[i].epoch == epoch]
         try:

@@ -31,13 +31,19 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     atomic_write_all([(path, write)])
 
 
+def temporary_path(path: Path) -> Path:
+    """Where ``atomic_write`` writes ``path`` before renaming it."""
+    return Path(path).with_name(Path(path).name + ".tmp")
+
+
 def atomic_write_all(items: Sequence[tuple[Path, Callable[[BinaryIO], object]]]) -> None:
     """``atomic_write`` for several files: all are written under temporary names first, then
-    renamed in a row, so a kill leaves them all old or all new, except inside the renames."""
+    renamed in a row, so a kill leaves them all old or all new, except inside the renames
+    (then the files not yet renamed lie whole under their temporary names)."""
     written, path = [], None
     try:
         for path, write in items:
-            tmp = Path(path).with_name(Path(path).name + ".tmp")
+            tmp = temporary_path(path)
             written.append((tmp, Path(path)))
             with open(tmp, "wb") as f:
                 write(f)
