@@ -7,7 +7,7 @@
     plan       list the runs a notebook trains                 (cdlib.scaleout.plan)
     estimate   how long a profile's training takes here        (cdlib.scaleout.estimate)
     executors  run a plan's runs on local GPUs or Slurm         (cdlib.scaleout.executors)
-    train      train one run in a given folder                 (cdlib.core.runs)
+    train      train one run in a given folder, under its lock (cdlib.scaleout.executors)
 
 A mistake (an unknown profile, a damaged file, a full disk) is reported as one line on
 stderr with exit code 2 (``cdlib.errors``); a traceback means a bug in cdlib.
@@ -25,7 +25,7 @@ COMMANDS = {
     "plan": "cdlib.scaleout.plan",
     "estimate": "cdlib.scaleout.estimate",
     "executors": "cdlib.scaleout.executors",
-    "train": "cdlib.core.runs",
+    "train": "cdlib.scaleout.executors:train_main",
 }
 
 
@@ -38,7 +38,8 @@ def main(argv=None) -> int:
         print(f"python -m cdlib: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)} "
               f"(see python -m cdlib --help)", file=sys.stderr)
         return 2
-    return report_user_errors(argv[0], importlib.import_module(COMMANDS[argv[0]]).main, argv[1:])
+    module, _, function = COMMANDS[argv[0]].partition(":")
+    return report_user_errors(argv[0], getattr(importlib.import_module(module), function or "main"), argv[1:])
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
     python tests/kill_harness.py resume STORE [STORE ...]    train each store to the end, no kill
 
 It trains ``RUNS`` (two runs of one recipe, trained together) into the run store STORE
-through ``runs.get_or_train_many``, the path every notebook and worker takes, so the
+one after the other through ``executors.train_run``, the path every worker takes, so the
 kill can land in the lock, the config, the attempts log, a training step, an
 evaluation, a metrics write, a checkpoint, a rename or a final artefact. An event is
 a write call into a file of the store (a kill there leaves the first FRACTION of its
@@ -29,7 +29,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import torch  # noqa: E402
 from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
 
-from cdlib.core import runs  # noqa: E402
+from cdlib.scaleout import executors  # noqa: E402
 from cdlib.core.config import TrainConfig  # noqa: E402
 from cdlib.core.data import DeviceData  # noqa: E402
 
@@ -122,7 +122,8 @@ def install(events: Events) -> None:
 
 
 def train(store: Path) -> None:
-    runs.get_or_train_many(RUNS, device="cpu", root=store, group_size=len(RUNS), strategy="eager", progress=False)
+    for config in RUNS:
+        executors.train_run(config, device="cpu", root=store, progress=False)
 
 
 def main(argv: list[str]) -> None:

@@ -41,7 +41,6 @@ MISTAKES = [
     ("pipeline: unknown notebook", lambda t: ["pipeline", "--only", "09"], ["no notebook numbered ['09']", "01"]),
     ("plan: unknown profile", lambda t: ["plan", "--profile", "fast", "--all"], ["unknown profile 'fast'"]),
     ("plan: unknown notebook", lambda t: ["plan", "--notebook", "42"], ["no plan for notebook(s) ['42']"]),
-    ("estimate: unknown strategy", lambda t: ["estimate", "--strategy", "fastest"], ["invalid choice: 'fastest'"]),
     ("report: unknown profile", lambda t: ["report", "--profile", "fast"], ["unknown profile 'fast'"]),
     ("pipeline: misspelt profile key", lambda t: ["pipeline", "--profile", "smoke", "--set", "widht=0.5"],
      ["unknown profile key 'widht'", "width"]),

@@ -31,7 +31,7 @@ from cdlib.experiments.claims import NOT_SUPPORTED, SUPPORTED  # noqa: E402
 from cdlib.core.config import TrainConfig  # noqa: E402
 from cdlib.core.objectives import ConfusionDistillation  # noqa: E402
 from cdlib.experiments.profiles import get_profile  # noqa: E402
-from cdlib.core.engine import fit  # noqa: E402
+from cdlib.core.train import fit  # noqa: E402
 
 C = 6  # classes of the fake runs
 
@@ -244,7 +244,7 @@ def test_kd_table(tmp_path):
 
 
 def test_kd_table_tells_how_to_train_missing_runs(tmp_path):
-    with pytest.raises(FileNotFoundError, match="get_or_train"):
+    with pytest.raises(FileNotFoundError, match="Train them first"):
         dr.kd_table(fake_profile(), root=tmp_path)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from cdlib.core import locks, runs, engine as train
+from cdlib.core import locks, runs, train
 from cdlib.core.config import TrainConfig
 from cdlib.scaleout.executors import InProcess, execute
 from test_data import _write_pickle, make_cifar100  # noqa: E402  (tests/ is on sys.path under pytest)
@@ -47,24 +47,24 @@ def store_template(tmp_path_factory) -> Path:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     train.fit(G, root / G.run_id(), progress=False)
-    real_write = train.atomic_write_text
+    real_write = runs.atomic_write_text
 
     def killed_before_summary(path, text):
-        if Path(path).name == "summary.json":
+        if Path(path).name == runs.SUMMARY:
             raise KeyboardInterrupt("killed")
         real_write(path, text)
-    train.atomic_write_text = killed_before_summary
+    runs.atomic_write_text = killed_before_summary
     try:
         with pytest.raises(KeyboardInterrupt):
             train.fit(H, root / H.run_id(), progress=False)
     finally:
-        train.atomic_write_text = real_write
+        runs.atomic_write_text = real_write
         torch.set_num_threads(before)
     for name in ("model.pt", "test_logits.npy", "confusions.npz"):
         (root / H.run_id() / name).unlink()
     for config in (G, H):
         (root / config.run_id() / "config.json").write_text(json.dumps(config.to_dict()))
-    assert (root / H.run_id() / train.CHECKPOINT).is_file()
+    assert (root / H.run_id() / runs.CHECKPOINT).is_file()
     return root
 
 
@@ -113,14 +113,14 @@ def _prepare(folder, config):
 
 def truncated_checkpoint(tmp_path, folder, template):
     _prepare(folder, F)
-    blob = (template / H.run_id() / train.CHECKPOINT).read_bytes()
-    (folder / train.CHECKPOINT).write_bytes(blob[: len(blob) // 3])
+    blob = (template / H.run_id() / runs.CHECKPOINT).read_bytes()
+    (folder / runs.CHECKPOINT).write_bytes(blob[: len(blob) // 3])
     return F, None
 
 
 def foreign_checkpoint(tmp_path, folder, template):
     _prepare(folder, F)
-    shutil.copy(template / H.run_id() / train.CHECKPOINT, folder / train.CHECKPOINT)  # H's, not F's
+    shutil.copy(template / H.run_id() / runs.CHECKPOINT, folder / runs.CHECKPOINT)  # H's, not F's
     return F, None
 
 
@@ -136,7 +136,7 @@ class Exploit:
 
 def checkpoint_with_python_objects(tmp_path, folder, template):
     _prepare(folder, F)
-    torch.save({"config": F.to_dict(), "epoch": 0, "payload": Exploit(tmp_path / "pwned")}, folder / train.CHECKPOINT)
+    torch.save({"config": F.to_dict(), "epoch": 0, "payload": Exploit(tmp_path / "pwned")}, folder / runs.CHECKPOINT)
     return F, None
 
 
@@ -235,7 +235,7 @@ FAULTS = [
     ("fault-07-checkpoint-with-python-objects", checkpoint_with_python_objects, "CheckpointError",
      ["cannot load checkpoint", "holds Python objects", "arbitrary code", "delete it"], True),
     ("fault-08-run-folder-config-differs", config_differs, "ConfigMismatchError",
-     ["different config", "'lr': (0.05, 0.1)", "Move or delete"], False),
+     ["edited after the run was made", "'lr': (0.05, 0.1)", "move the folder away"], False),
     ("fault-09-nan-loss", nan_loss, "NonFiniteLossError", ["NaN or infinite", "Lower the learning rate"], True),
     ("fault-10-unwritable-output-folder", unwritable_folder, "RunStoreError",
      ["Permission denied", "writable", "CDLIB_OUTPUTS"], False),

@@ -16,6 +16,7 @@ from cdlib.experiments import feature_analysis as fa
 from cdlib.core import interaction as it
 from cdlib.experiments import plans
 from cdlib.core import runs
+from cdlib.scaleout import executors
 from cdlib.experiments.claims import NOT_MEASURED, NOT_SUPPORTED, SUPPORTED, claims_frame
 from cdlib.core.config import TrainConfig
 from cdlib.core.data import DeviceData, synthetic
@@ -244,7 +245,7 @@ def test_measures_table_derives_paper_jaccard_only_for_the_kd_groups():
 # --------------------------------------------------------------------------------------
 
 def test_group_runs_take_each_group_from_its_plan(monkeypatch):
-    monkeypatch.setattr(fa.runs, "get_or_train", lambda config, **_: SimpleNamespace(config=config))
+    monkeypatch.setattr(fa.runs, "finished_runs", lambda configs, root=None: [SimpleNamespace(config=c) for c in configs])
     smoke = get_profile("smoke", announce=False)
     got = fa.group_runs(smoke, ("baseline", "student", "teacher", "cd"))
     expected = {"baseline": plans.feature_baselines(smoke), "student": plans.kd_students(smoke),
@@ -272,7 +273,7 @@ def test_analyse_profile_on_tiny_trained_runs(monkeypatch, one_thread):
     monkeypatch.setattr(fa, "load_dataset", lambda name, root=None: ds)
     tiny = TrainConfig(name="tiny", dataset="synthetic", arch="resnet18", width=0.0625, epochs=1)
     shared = DeviceData(ds, "cpu", rotation=tiny.rotation)
-    run, _ = [runs.get_or_train(c, progress=False, data=shared) for c in (tiny, replace(tiny, seed=1))]
+    run, _ = [executors.train_run(c, progress=False, data=shared) for c in (tiny, replace(tiny, seed=1))]
     monkeypatch.setitem(fa.GROUP_PLANS, "baseline", lambda profile: [tiny])
     monkeypatch.setitem(fa.GROUP_PLANS, "cd", lambda profile: [replace(tiny, seed=1)])
     smoke = get_profile("smoke", announce=False)

@@ -11,7 +11,7 @@ import pytest
 from conftest import SHARED_DATA
 from cdlib.core.config import TrainConfig
 from cdlib.core.data import DeviceData, load_dataset
-from cdlib.core.engine import fit
+from cdlib.core.train import fit
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 400, 100  # 4,000 training and 1,000 test images of the 10 classes
 

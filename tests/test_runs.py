@@ -7,6 +7,7 @@ import torch
 
 from cdlib.experiments import plans, tables
 from cdlib.core import runs
+from cdlib.scaleout import executors
 from cdlib.core.config import TrainConfig
 from cdlib.experiments.profiles import get_profile
 
@@ -22,14 +23,14 @@ def test_config_hash_is_stable_and_json_round_trips():
 
 
 def test_get_or_train_caches_and_loads(monkeypatch, isolated_outputs):
-    run = runs.get_or_train(TINY, progress=False)
+    run = executors.train_run(TINY, progress=False)
     assert run.dir.parent == isolated_outputs / "runs" and run.dir.name == TINY.run_id()
     assert json.loads((run.dir / "config.json").read_text()) == TINY.to_dict()
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
-    monkeypatch.setattr(runs.engine, "fit", no_training)
-    again = runs.get_or_train(TINY, progress=False)
+    monkeypatch.setattr(executors, "fit", no_training)
+    again = executors.train_run(TINY, progress=False)
     assert again.summary == run.summary
     model = runs.find_run(TINY.run_id()).load_model()
     logits = model(torch.zeros(1, 3, 16, 16))
@@ -44,8 +45,8 @@ def test_folder_with_a_different_config_is_refused(isolated_outputs):
     stored = {**TINY.to_dict(), "lr": 0.05}
     (folder / "config.json").write_text(json.dumps(stored))
     (folder / "metrics.jsonl").write_text('{"epoch": 1}\n')
-    with pytest.raises(runs.ConfigMismatchError, match="lr"):
-        runs.get_or_train(TINY, progress=False)
+    with pytest.raises(runs.ConfigMismatchError, match="lr.*Nothing was changed"):
+        executors.train_run(TINY, progress=False)
     # Nothing of the existing folder was touched.
     assert json.loads((folder / "config.json").read_text()) == stored
     assert (folder / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
@@ -57,7 +58,7 @@ def test_find_run_of_unfinished_run_says_so(isolated_outputs):
 
 
 def test_frames_and_tables(isolated_outputs):
-    finished = [runs.get_or_train(TINY.replace(seed=s), progress=False) for s in range(2)]
+    finished = [executors.train_run(TINY.replace(seed=s), progress=False) for s in range(2)]
     frame = runs.runs_frame(finished)
     assert len(frame) == 2 and {"final_top1", "best_top1", "seed", "arch"} <= set(frame.columns)
     long = runs.metrics_frame(finished)
@@ -106,3 +107,30 @@ def test_auto_profile_announces_its_choice(capsys):
     profile = get_profile("auto")
     assert profile.name == ("paper" if torch.cuda.is_available() else "smoke")
     assert "profile:" in capsys.readouterr().out
+
+
+def test_a_config_json_edited_after_training_is_refused_by_every_reader(isolated_outputs):
+    """A finished KD teacher whose config.json was edited (validation 0 -> 500) would pass for a
+    teacher that held its student's validation images out; every reader refuses it and changes nothing."""
+    from cdlib.experiments import distillation_results as dr
+    teacher = executors.train_run(TINY.replace(name="teacher", epochs=1), progress=False)
+    path = teacher.dir / runs.CONFIG
+    path.write_text(json.dumps({**teacher.config.to_dict(), "validation": 500}))
+    before = {p.name: p.read_bytes() for p in teacher.dir.iterdir()}
+    student = TINY.replace(objective="kd", objective_args={"teacher": teacher.dir.name}, validation=500)
+    readers = {
+        "find_run": lambda: runs.find_run(teacher.dir.name),
+        "load_teachers": lambda: runs.load_teachers([student]),
+        "split_finished": lambda: runs.split_finished([teacher.config]),
+        "analyses' load_runs": lambda: dr.load_runs([teacher.config]),
+        "train_run": lambda: executors.train_run(teacher.config, progress=False),
+        "train_plan": lambda: executors.train_plan([teacher.config], progress=False),
+    }
+    for name, read in readers.items():
+        with pytest.raises((runs.ConfigMismatchError, executors.TrainingFailed),
+                           match=f"{path}.*edited.*Restore config.json") as err:
+            read()
+        assert teacher.dir.name in str(err.value), name
+    outcome = executors.execute([teacher.config], progress=False).outcomes[teacher.dir.name]
+    assert (outcome.status, outcome.error) == ("failed", "ConfigMismatchError") and str(path) in outcome.message
+    assert {p.name: p.read_bytes() for p in teacher.dir.iterdir()} == before

@@ -12,6 +12,7 @@ import json
 import multiprocessing
 import os
 import random
+import select
 import shutil
 import signal
 import socket
@@ -32,7 +33,8 @@ from cdlib.core.config import TrainConfig
 from cdlib.scaleout.executors import InProcess, LocalGPUs, execute
 from cdlib.experiments.plans import notebook_plan
 from cdlib.experiments.profiles import get_profile
-from cdlib.core.engine import CHECKPOINT, fit
+from cdlib.core.runs import CHECKPOINT
+from cdlib.core.train import fit
 
 TINY = TrainConfig(name="tiny", dataset="synthetic", arch="resnet18", width=0.0625, epochs=1)
 KILL = TINY.replace(name="kill", epochs=2)  # two epochs: a kill can land before, between or after checkpoints
@@ -238,7 +240,7 @@ def test_get_or_train_waits_for_a_live_owner_and_skips_on_request(isolated_outpu
     monkeypatch.setattr(locks, "POLL_S", 0.05)
     owner = locks.claim(folder)  # a live worker (this process) holds the run
     with pytest.raises(locks.RunLockedError, match="being trained by"):
-        runs.get_or_train(TINY, progress=False, on_locked="skip")
+        executors.train_run(TINY, progress=False, on_locked="skip")
 
     def finish_and_release():
         time.sleep(0.5)
@@ -246,8 +248,8 @@ def test_get_or_train_waits_for_a_live_owner_and_skips_on_request(isolated_outpu
             shutil.copy(f, folder / f.name)
         owner.release()
     threading.Thread(target=finish_and_release).start()
-    monkeypatch.setattr(runs.engine, "fit", lambda *a, **k: pytest.fail("trained a run that another worker finished"))
-    run = runs.get_or_train(TINY, progress=False)  # default: wait
+    monkeypatch.setattr(executors, "fit", lambda *a, **k: pytest.fail("trained a run that another worker finished"))
+    run = executors.train_run(TINY, progress=False)  # default: wait
     assert run.summary["run_id"] == TINY.run_id()
     assert "is being trained by" in capsys.readouterr().err
 
@@ -410,3 +412,37 @@ def test_pipeline_trains_the_plans_first_and_stops_on_failures(monkeypatch, caps
     assert pipeline.main(["--profile", "smoke", "--only", "01", "--executor", "local"]) == 1
     captured = capsys.readouterr()
     assert "DataError: cifar100 not found" in captured.out and "no notebook was executed" in captured.err
+
+
+def test_two_trainings_of_one_folder_the_second_refused_or_waiting(tmp_path):
+    """``python -m cdlib train`` on a folder another live process trains: by default it refuses with
+    one line naming that process (host, pid), exit 2; with ``--on-locked wait`` it waits, then finds
+    the run finished. The first process is stopped (SIGSTOP) after its first checkpoint, so the
+    outcome does not depend on timing."""
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(TINY.replace(epochs=3).to_dict()))
+    folder = tmp_path / "run"
+    command = [sys.executable, "-m", "cdlib", "train", str(config_file), str(folder), "--quiet"]
+    env = {**os.environ, "CDLIB_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(command, env=env)
+    try:
+        deadline = time.time() + 300
+        while not (folder / CHECKPOINT).exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        first.send_signal(signal.SIGSTOP)
+        assert first.poll() is None and not (folder / "summary.json").exists(), "the first finished too soon"
+        refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2, refused.stderr
+        assert f"{socket.gethostname()} pid {first.pid}" in refused.stderr and "Traceback" not in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+        waiting = subprocess.Popen(command + ["--on-locked", "wait"], env=env, stderr=subprocess.PIPE, text=True)
+        assert select.select([waiting.stderr], [], [], 300)[0], "the waiting process said nothing"
+        said = waiting.stderr.readline()
+        assert f"pid {first.pid}" in said and "waiting" in said and waiting.poll() is None
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(300) == 0
+    _, stderr = waiting.communicate(timeout=300)
+    assert waiting.returncode == 0 and "Traceback" not in stderr
+    assert (folder / "summary.json").is_file()
+    assert len((folder / runs.ATTEMPTS).read_text().splitlines()) == 1  # only the first ever trained

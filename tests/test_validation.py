@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cdlib.core import runs
+from cdlib.scaleout import executors
 from cdlib.core.calibration import expected_calibration_error
 from cdlib.core.config import TrainConfig
 from cdlib.core.data import DataError, DeviceData, hold_out, synthetic, validation_indices
@@ -72,7 +73,7 @@ def trained(tmp_path_factory):
                "test": tiny(objective="cd", objective_args={**schedule, "source": "test", "allow_test_leak": True})}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        found = runs.get_or_train_many(configs.values(), device="cpu", root=root, progress=False)
+        found = [executors.train_run(c, device="cpu", root=root, progress=False) for c in configs.values()]
     return dict(zip(configs, found))
 
 
@@ -161,7 +162,7 @@ def test_every_objective_trains_on_the_rest_of_the_split(tmp_path, objective, ar
         configs.append(teacher)
         args = {"teacher": teacher.run_id()}
     configs.append(tiny(epochs=2, objective=objective, objective_args=args))
-    student = runs.get_or_train_many(configs, device="cpu", root=root, progress=False)[-1]
+    student = [executors.train_run(c, device="cpu", root=root, progress=False) for c in configs][-1]
     assert student.summary["selection"] == "validation"
     assert student.confusions("train").sum((1, 2)).tolist() == [1800, 1800]  # 2000 - 200 held out, each epoch
     assert student.confusions("validation").sum((1, 2)).tolist() == [200, 200]

@@ -1,7 +1,7 @@
 """Training objectives: what the engine minimises, as functions of logits.
 
 An objective turns the logits of one augmented batch into a scalar loss. The engine
-(``cdlib.core.engine``) runs every forward pass: the student's, and the extra ones an
+(``cdlib.core.train.fit``) runs every forward pass: the student's, and the extra ones an
 objective declares in ``extra_forwards``:
 
     "teacher"  the KD teacher's logits of the same images -> ``batch.teacher_logits``

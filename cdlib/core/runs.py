@@ -1,55 +1,63 @@
-"""The run store: one folder per training run, named by its config.
+"""The run store: one folder per training run, named by its config. It trains nothing.
 
-``outputs/runs/<name>-<hash of config>/`` holds ``config.json``, ``metrics.jsonl``
-(one line per epoch), ``checkpoint.pt`` while training, and when finished
-``model.pt``, ``test_logits.npy``, ``confusions.npz`` (per-epoch train and test
-confusion counts) and ``summary.json`` (written last: its presence marks a
-finished run). ``get_or_train`` makes every notebook idempotent: finished runs are
-loaded, unfinished ones resumed, and a folder whose stored config differs from
-the requested one is refused rather than overwritten.
+``outputs/runs/<name>-<hash of config>/`` holds:
 
-Many workers may share one store (several GPUs, Slurm nodes on a network file
-system): a worker trains a run only while it holds the folder's ``lock.json``
-(``cdlib.core.locks``). While training, the folder also holds ``attempts.jsonl`` (one
-line per training start: host, pid, resumed or not) and, after a failure,
-``failed.json`` (the error; cleared when the run is tried again).
+    config.json      the run's config; its hash must be the folder name's (checked by every reader)
+    metrics.jsonl    one line per finished epoch (a view of the checkpoint's history)
+    checkpoint.pt    while training: everything a resume needs
+    model.pt, test_logits.npy, confusions.npz (per-epoch confusion counts by split)
+    summary.json     written last: its presence marks a finished run
+    attempts.jsonl   one line per training start (host, pid, resumed or not)
+    failed.json      after a failure: the error (cleared when the run is tried again)
+    lock.json        while a worker trains it (``cdlib.core.locks``)
 
-Training itself is ``cdlib.core.engine``'s; this layer decides which runs train
-(``get_or_train``, ``get_or_train_many``: the only functions that train missing runs),
-loads KD teachers from the store (``load_teachers``), and finds finished runs
-(``find_run``).
+This module alone knows those files: it writes them (each atomically, through
+``util.atomic_write``: a kill leaves every file whole, old or new), reads them (a damaged file is
+a ``StoreError`` naming it and what to do), and finds finished runs (``find_run``,
+``split_finished``, ``load_teachers``). Training is ``cdlib.core.train.fit``'s; which runs train,
+under which lock, is the scheduler's (``cdlib.scaleout.executors``).
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
+import pickle
 import socket
 import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
 import torch
 
 from cdlib import paths
-from cdlib.core import engine, locks
 from cdlib.core.config import TrainConfig
-from cdlib.core.data import DeviceData, hold_out, load_dataset
 from cdlib.core.models import build_model
-from cdlib.core.util import atomic_write_text, read_json, read_store_file, resolve_device
-from cdlib.errors import ArgumentParser, ConfigError, StoreError, UserError, read_json_file
+from cdlib.core.util import atomic_save, atomic_write, atomic_write_text, read_json, read_store_file, resolve_device
+from cdlib.errors import ConfigError, StoreError, UserError
 
-FAILED = "failed.json"
-ATTEMPTS = "attempts.jsonl"
+CONFIG, METRICS, CHECKPOINT, SUMMARY = "config.json", "metrics.jsonl", "checkpoint.pt", "summary.json"
+MODEL, TEST_LOGITS, CONFUSIONS = "model.pt", "test_logits.npy", "confusions.npz"
+ATTEMPTS, FAILED = "attempts.jsonl", "failed.json"
+CHECKPOINT_FORMAT = 2  # 2: the checkpoint carries the metrics history
+CHECKPOINT_KEYS = ("config", "epoch", "history", "model", "optimizer", "objective", "train_confusions",
+                   "test_confusions", "torch_rng")
+# What to do about a damaged file of a finished run: its other files are finished work, never deleted.
+FINISHED_FILE_ADVICE = ("The run's other files are untouched. Restore the file from a backup, or move the run folder "
+                        "away to train the run again.")
+TRAIN_COMMAND = "python -m cdlib pipeline --profile P --train-only (or the notebook that trains it)"
 
 
 class ConfigMismatchError(StoreError):
     pass
+
+
+class CheckpointError(StoreError):
+    """A checkpoint cannot be resumed: damaged, unsafe, another run's, another device's or version's."""
 
 
 class RunNotFoundError(UserError, FileNotFoundError):
@@ -63,11 +71,11 @@ class Run:
     config: TrainConfig
 
     def _read(self, name: str, reader):
-        return read_store_file(self.dir / name, reader, engine.FINISHED_FILE_ADVICE)
+        return read_store_file(self.dir / name, reader, FINISHED_FILE_ADVICE)
 
     @cached_property
     def summary(self) -> dict:
-        return read_json(self.dir / "summary.json", engine.FINISHED_FILE_ADVICE)
+        return read_summary(self.dir)
 
     @cached_property
     def metrics(self) -> pd.DataFrame:
@@ -76,10 +84,10 @@ class Run:
             if list(frame.get("epoch", [])) != list(range(1, self.config.epochs + 1)):
                 raise ValueError(f"it holds epochs {list(frame.get('epoch', []))[:5]}..., not 1..{self.config.epochs}")
             return frame
-        return self._read("metrics.jsonl", read)
+        return self._read(METRICS, read)
 
     def test_logits(self) -> np.ndarray:
-        return self._read("test_logits.npy", np.load)
+        return self._read(TEST_LOGITS, np.load)
 
     def confusions(self, split: str = "test") -> np.ndarray:
         """(epochs, C, C) confusion counts after each epoch: ``test``, the ``train`` batches, and where the run
@@ -87,21 +95,66 @@ class Run:
         def read(path):
             with np.load(path) as z:
                 return z[split]
-        return self._read("confusions.npz", read)
+        return self._read(CONFUSIONS, read)
 
     def load_model(self, device="cpu") -> torch.nn.Module:
         model = build_model(self.config.arch, self.summary["num_classes"], self.config.width)
-        self._read("model.pt", lambda path: model.load_state_dict(
-            torch.load(path, map_location="cpu", weights_only=True)))
+        self._read(MODEL, lambda path: model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)))
         return model.to(device).eval()
 
+
+# --------------------------------------------------------------------------- finding runs
 
 def run_dir(config: TrainConfig, root: Path | None = None) -> Path:
     return Path(root or paths.runs()) / config.run_id()
 
 
 def is_finished(folder: Path) -> bool:
-    return (Path(folder) / "summary.json").is_file()
+    return (Path(folder) / SUMMARY).is_file()
+
+
+def read_summary(folder: Path) -> dict:
+    return read_json(Path(folder) / SUMMARY, FINISHED_FILE_ADVICE)
+
+
+def epochs_done(folder: Path) -> int:
+    """Epochs an unfinished run has recorded (lines of ``metrics.jsonl``; 0 without one)."""
+    path = Path(folder) / METRICS
+    return len(path.read_text(errors="replace").splitlines()) if path.is_file() else 0
+
+
+def stored_config(folder: Path, expected: TrainConfig | None = None) -> TrainConfig | None:
+    """The config in ``folder/config.json`` (None without one), refused unless its hash is the folder name's.
+
+    A config edited by hand after training would otherwise pass for the run of another config: a KD
+    teacher trained on every image would be taken for one that held its student's validation images
+    out. ``expected``: the config the folder's name stands for, to name the fields that differ.
+    """
+    folder = Path(folder)
+    path = folder / CONFIG
+    if not path.is_file():
+        return None
+    stored = read_json(path, f"The folder's name fixes its config: if it is the run {folder.name} you meant, "
+                             f"restore config.json from a backup; else move the folder away.")
+    try:
+        config = TrainConfig.from_dict(stored)
+    except (ConfigError, TypeError) as err:
+        raise StoreError(f"{path} of run {folder.name} is not a config this cdlib reads ({err}); it was written "
+                         f"by another version of cdlib or altered. Use that version, or restore the file.") from err
+    if config.run_id() != folder.name:
+        diff = "" if expected is None else " (stored vs the folder's: {})".format(
+            {k: (stored.get(k), v) for k, v in expected.to_dict().items() if stored.get(k) != v})
+        raise ConfigMismatchError(
+            f"{path} holds the config of run {config.run_id()}, not of the folder's run {folder.name}{diff}: it was "
+            f"edited after the run was made, so the run's files cannot be trusted to belong to either config. "
+            f"Nothing was changed. Restore config.json from a backup, or move the folder away and train the run "
+            f"again (or point CDLIB_OUTPUTS elsewhere).")
+    return config
+
+
+def check_stored_config(folder: Path, config: TrainConfig) -> None:
+    """Refuse a store folder of ``config`` whose ``config.json`` is not ``config``'s."""
+    stored_config(folder, config)
 
 
 def split_finished(configs: Iterable[TrainConfig], root: Path | None = None) -> tuple[list[Run], list[str]]:
@@ -110,35 +163,39 @@ def split_finished(configs: Iterable[TrainConfig], root: Path | None = None) -> 
     for config in configs:
         folder = run_dir(config, root)
         if is_finished(folder):
+            stored_config(folder, config)
             done.append(Run(folder, config))
         else:
             missing.append(config.run_id())
     return done, missing
 
 
-def _tidy(folder: Path) -> None:
-    """Remove what a worker killed after finishing a run leaves behind: its checkpoint and its lock."""
-    engine.remove_leftover_checkpoint(folder)
-    with contextlib.suppress(OSError):  # a read-only store still serves its runs
-        locks.clear_stale(folder)
+def finished_runs(configs: Iterable[TrainConfig], root: Path | None = None) -> list[Run]:
+    """The finished runs of ``configs``, in order; a missing one is an error naming how to train it."""
+    done, missing = split_finished(configs, root)
+    if missing:
+        raise RunNotFoundError(f"{len(missing)} run(s) are not finished in {Path(root or paths.runs())}: "
+                               f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Train them first: "
+                               f"{TRAIN_COMMAND}.")
+    return done
 
 
-def _check_stored_config(folder: Path, config: TrainConfig) -> None:
-    stored_path = folder / "config.json"
-    if not stored_path.is_file():
-        return
-    stored = read_json(stored_path, f"The folder's name fixes its config, so if it is the run {folder.name} you "
-                                    f"meant, delete config.json and it is written again; else move the folder away.")
-    if stored != config.to_dict():
-        diff = {k: (stored.get(k), v) for k, v in config.to_dict().items() if stored.get(k) != v}
-        raise ConfigMismatchError(
-            f"run folder {folder} holds a different config (stored vs requested: {diff}). Nothing was "
-            f"changed. Move or delete that folder if it is stale, or point CDLIB_OUTPUTS elsewhere.")
+def find_run(run: str | Path, root: Path | None = None) -> Run:
+    """A finished run by folder path or run id (``<name>-<hash>``)."""
+    folder = Path(run)
+    if not folder.is_dir():
+        folder = Path(root or paths.runs()) / str(run)
+    if not is_finished(folder):
+        raise RunNotFoundError(f"no finished run at {folder}; train it first ({TRAIN_COMMAND}) or check the name.")
+    config = stored_config(folder)
+    if config is None:
+        raise StoreError(f"{folder / CONFIG} of finished run {folder.name} is missing. {FINISHED_FILE_ADVICE}")
+    return Run(folder, config)
 
 
 def load_teachers(configs: Iterable[TrainConfig], device=None, root: Path | None = None) -> dict[str, torch.nn.Module]:
     """The KD teachers the configs name (``objective_args["teacher"]``: a run id or folder), loaded once
-    each, after checking that each is a finished run of its students' data set."""
+    each, after checking that each is a finished run of its students' data set and validation split."""
     students: dict[str, list[TrainConfig]] = {}
     for c in configs:
         if "teacher" in c.objective_args:
@@ -166,100 +223,6 @@ def load_teachers(configs: Iterable[TrainConfig], device=None, root: Path | None
     return teachers
 
 
-def _prepare(folder: Path, config: TrainConfig) -> None:
-    """Before training a claimed run: its config on disk, the last failure cleared, the attempt logged."""
-    if not (folder / "config.json").is_file():
-        atomic_write_text(folder / "config.json", json.dumps(config.to_dict(), indent=1))
-    (folder / FAILED).unlink(missing_ok=True)
-    _log_attempt(folder)
-
-
-def get_or_train(config: TrainConfig, device=None, data_root=None, progress: bool = True,
-                 root: Path | None = None, data=None, on_locked: str = "wait", strategy: str | None = None) -> Run:
-    """Return the finished run of ``config``; train it (or resume it) first if needed.
-
-    Training happens only under the run's lock. If another live worker holds it,
-    ``on_locked="wait"`` (the default) waits for that worker and then returns its run;
-    ``"skip"`` raises :class:`cdlib.core.locks.RunLockedError` at once.
-    """
-    folder = run_dir(config, root)
-    _check_stored_config(folder, config)
-    if is_finished(folder):
-        _tidy(folder)
-        return Run(folder, config)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise locks.RunStoreError(
-            f"cannot create run folder {folder}: {err.strerror or err}. Make {folder.parent} writable, or point "
-            f"CDLIB_OUTPUTS at a writable folder. No run was changed.") from err
-    with locks.claim(folder, on_locked):
-        _check_stored_config(folder, config)  # another worker may have created the folder meanwhile
-        if not is_finished(folder):            # ... or finished the run while we waited
-            _prepare(folder, config)
-            try:
-                engine.fit(config, folder, device=device, data_root=data_root, progress=progress, data=data,
-                           strategy=strategy, teachers=load_teachers([config], device, root))
-            except Exception as err:
-                _mark_failed(folder, err)
-                raise
-    return Run(folder, config)
-
-
-def _log_attempt(folder: Path) -> None:
-    """Add a line to ``attempts.jsonl``, rewriting the file whole so a kill never leaves half a line."""
-    line = {"host": socket.gethostname(), "pid": os.getpid(), "job": locks.JOB_KEY, "time": time.time(),
-            "resumed": (folder / engine.CHECKPOINT).is_file()}
-    before = "".join(json.dumps(a) + "\n" for a in attempts(folder))
-    atomic_write_text(folder / ATTEMPTS, before + json.dumps(line) + "\n")
-
-
-def attempts(folder: Path) -> list[dict]:
-    """The training starts logged in ``folder`` (a log for people: lines that do not parse are skipped)."""
-    path = Path(folder) / ATTEMPTS
-    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
-    found = []
-    for line in lines:
-        with contextlib.suppress(ValueError):
-            found.append(json.loads(line))
-    return found
-
-
-def _mark_failed(folder: Path, err: Exception) -> None:
-    """Record why the run stopped, for ``python -m cdlib plan --status`` and other workers."""
-    record = {"error": type(err).__name__, "message": str(err), "host": socket.gethostname(),
-              "pid": os.getpid(), "time": time.time()}
-    try:
-        atomic_write_text(folder / FAILED, json.dumps(record, indent=1))
-    except OSError:
-        pass  # the store itself is the problem; the error is still raised to the caller
-
-
-def failure(folder: Path) -> dict | None:
-    """The recorded failure of an unfinished run, or None."""
-    try:
-        return json.loads((Path(folder) / FAILED).read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def find_run(run: str | Path, root: Path | None = None) -> Run:
-    """A finished run by folder path or run id (``<name>-<hash>``): the one function that finds runs."""
-    folder = Path(run)
-    if not folder.is_dir():
-        folder = Path(root or paths.runs()) / str(run)
-    if not is_finished(folder):
-        raise RunNotFoundError(f"no finished run at {folder}; train it first (get_or_train) or check the name.")
-    stored = read_json(folder / "config.json", engine.FINISHED_FILE_ADVICE)
-    try:
-        config = TrainConfig.from_dict(stored)
-    except (ConfigError, TypeError) as err:
-        raise StoreError(f"{folder / 'config.json'} of run {folder.name} is not a config this cdlib reads ({err}); "
-                         f"it was written by another version of cdlib or altered. Use that version, or restore "
-                         f"the file.") from err
-    return Run(folder, config)
-
-
 def runs_frame(runs: Iterable[Run]) -> pd.DataFrame:
     """One row per run: its config fields and its summary, ready for ``tables.summarise``."""
     rows = []
@@ -282,126 +245,116 @@ def metrics_frame(runs: Iterable[Run]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-# Members per fused group on CUDA (strategy "fused"). Unmeasured: benchmarks/gpu_check.py times them.
-FUSED_GROUP_SIZES = {"resnet18": 8, "resnet34": 8, "resnet50": 4, "resnet101": 4, "resnet152": 4,
-                     "densenet121": 4}
+# --------------------------------------------------------------------------- writing a run
+
+def checkpoint_path(folder: Path) -> Path:
+    return Path(folder) / CHECKPOINT
 
 
-def default_group_size(strategy: str, arch: str) -> int:
-    """Runs per ``engine.train`` call: fused groups for ``fused``, one run at a time otherwise."""
-    return FUSED_GROUP_SIZES.get(arch, 4) if strategy == "fused" else 1
+def has_checkpoint(folder: Path) -> bool:
+    return checkpoint_path(folder).is_file()
 
 
-def plan_groups(configs: Sequence[TrainConfig], group_size: int | None = None,
-                strategy: str = "eager") -> list[list[TrainConfig]]:
-    """Split ``configs`` into groups that can train together, keeping the training order.
-
-    Configs with equal ``engine.recipe_key`` are split into near-equal consecutive chunks
-    of at most ``group_size`` (default ``default_group_size(strategy, arch)``); groups are
-    returned in the order of their first member, so runs listed before others (KD
-    teachers before their students) are trained first.
-    """
-    buckets: dict[str, list[int]] = {}
-    for position, config in enumerate(configs):
-        buckets.setdefault(engine.recipe_key(config), []).append(position)
-    groups = []
-    for positions in buckets.values():
-        size = group_size or default_group_size(strategy, configs[positions[0]].arch)
-        if size < 1:
-            raise ValueError(f"group_size must be at least 1, got {size}")
-        count = math.ceil(len(positions) / size)
-        groups += [[int(p) for p in chunk] for chunk in np.array_split(positions, count)]
-    groups.sort(key=lambda g: g[0])
-    return [[configs[p] for p in g] for g in groups]
+def save_checkpoint(folder: Path, state: dict) -> None:
+    atomic_save(state, checkpoint_path(folder))
 
 
-def get_or_train_many(configs: Iterable[TrainConfig], device=None, data_root=None, progress: bool = True,
-                      root: Path | None = None, data=None, group_size: int | None = None,
-                      strategy: str | None = None) -> list[Run]:
-    """The finished runs of ``configs`` (in their order), training the unfinished ones.
-
-    Finished runs are skipped. Unfinished runs that share their recipe (they may differ
-    in seed, objective_args and name) train together in one ``engine.train`` call, at
-    most ``group_size`` at a time (``plan_groups``; with the default strategy, one run
-    at a time). Groups start in the order of their first run, so KD teachers listed
-    before their students finish first. Each member of a group is claimed with the run
-    store's lock; members that another worker holds are waited for at the end. Runs
-    whose loss turned non-finite are reported together at the end
-    (``NonFiniteLossError``) after every other run was trained.
-    """
-    configs = list(configs)
-    dev = resolve_device(device)
-    strategy = strategy or engine.default_strategy(dev)
-    for config in configs:
-        folder = run_dir(config, root)
-        _check_stored_config(folder, config)
-        if is_finished(folder):
-            _tidy(folder)
-    todo = list({c.run_id(): c for c in configs if not is_finished(run_dir(c, root))}.values())
-    loaded: dict = {}
-
-    def data_for(config: TrainConfig):
-        if data is not None:
-            return data
-        key = (config.dataset, config.rotation, config.validation)
-        if key not in loaded:  # read each data set once for all runs
-            loaded[key] = DeviceData(hold_out(load_dataset(config.dataset, data_root), config.validation), dev,
-                                     config.rotation)
-        return loaded[key]
-
-    diverged: list[Exception] = []
-    deferred: list[TrainConfig] = []
-    for members in plan_groups(todo, group_size, strategy):
-        with contextlib.ExitStack() as held:
-            claimed = []
-            for config in members:
-                folder = run_dir(config, root)
-                folder.mkdir(parents=True, exist_ok=True)
-                try:
-                    held.enter_context(locks.claim(folder, "skip"))
-                except locks.RunLockedError:
-                    deferred.append(config)
-                    continue
-                _check_stored_config(folder, config)
-                if not is_finished(folder):
-                    _prepare(folder, config)
-                    claimed.append(config)
-            if not claimed:
-                continue
-            folders = [run_dir(c, root) for c in claimed]
-            try:
-                engine.train(claimed, folders, data=data_for(claimed[0]), device=dev, data_root=data_root,
-                             strategy=strategy, teachers=load_teachers(claimed, dev, root), progress=progress)
-            except engine.MembersDivergedError as err:
-                for run_id, error in err.failures.items():
-                    _mark_failed(run_dir(next(c for c in claimed if c.run_id() == run_id), root), error)
-                diverged.append(err)
-            except engine.NonFiniteLossError as err:  # a group of one
-                _mark_failed(folders[0], err)
-                diverged.append(err)
-            except Exception as err:
-                for folder in folders:
-                    if not is_finished(folder):
-                        _mark_failed(folder, err)
-                raise
-    for config in deferred:  # held by another worker: wait for it (or take over a dead worker's run)
-        get_or_train(config, dev, data_root, progress, root, data_for(config), strategy=strategy)
-    if diverged:
-        raise engine.NonFiniteLossError(" | ".join(str(e) for e in diverged))
-    return [Run(run_dir(c, root), c) for c in configs]
+def load_checkpoint(path: Path, config: TrainConfig | None = None, device=None) -> dict:
+    """The checkpoint at ``path``, loaded safely (tensors and plain values only) and checked before any
+    use: complete, of a format this cdlib reads, ``config``'s, and when ``device`` is given, of that
+    device type (generators, optimiser flags and memory layouts differ between devices)."""
+    run = f"run {Path(path).parent.name}"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refused an arbitrary Python object
+        raise CheckpointError(
+            f"cannot load checkpoint {path} of {run}: it holds Python objects other than tensors and plain values, "
+            f"and loading it could run arbitrary code, so it was refused ({str(err).splitlines()[-1][:200]}). "
+            f"cdlib never writes such files: delete it (the run restarts from scratch) unless you trust its "
+            f"source.") from err
+    except Exception as err:  # truncated or corrupted archive
+        raise CheckpointError(
+            f"cannot load checkpoint {path} of {run}: {type(err).__name__}: {str(err)[:300]}. The file is "
+            f"truncated or damaged (a copy that stopped, a full disk, another program): delete it to restart that "
+            f"run from scratch (other runs are unaffected); never load checkpoints from untrusted sources.") from err
+    state = state if isinstance(state, dict) else {}
+    if config is not None and state.get("config") != config.to_dict():
+        raise CheckpointError(f"checkpoint {path} was written for another config ({state.get('config')}), not "
+                              f"{config.to_dict()}. Move it away or delete it; it will not be resumed.")
+    written_on = state.get("device_type", "cpu")
+    if device is not None and written_on != torch.device(device).type:
+        raise CheckpointError(
+            f"checkpoint {path} was written on {written_on} and cannot resume exactly on {torch.device(device).type}: "
+            f"random generators, optimiser flags and memory layouts differ between devices. Resume it on a "
+            f"{written_on} device, or delete it to restart the run on this one.")
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    if missing or state.get("format", 1) != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path} of {run} is not one this cdlib can resume (format {state.get('format', 1)}, this "
+            f"cdlib writes {CHECKPOINT_FORMAT}; missing {missing}). Resume it with the cdlib that wrote it, or "
+            f"delete it to restart the run.")
+    return state
 
 
-def main(argv=None) -> None:
-    """``python -m cdlib train CONFIG.json RUN_DIR``: train one run in RUN_DIR (workers and tests use it)."""
-    parser = ArgumentParser(prog="python -m cdlib train", description=main.__doc__)
-    parser.add_argument("config")
-    parser.add_argument("run_dir")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--strategy", default=None, choices=engine.STRATEGIES)
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
-    config = TrainConfig.from_dict(read_json_file(args.config, "the config file"))
-    engine.fit(config, args.run_dir, device=args.device, data_root=args.data_root, strategy=args.strategy,
-               teachers=load_teachers([config], args.device), progress=not args.quiet)
+def write_config(folder: Path, config: TrainConfig) -> None:
+    if not (Path(folder) / CONFIG).is_file():
+        atomic_write_text(Path(folder) / CONFIG, json.dumps(config.to_dict(), indent=1))
 
+
+def write_metrics(folder: Path, history: list[dict]) -> None:
+    """``metrics.jsonl``: one line per finished epoch, rewritten whole so a kill never tears a line."""
+    atomic_write_text(Path(folder) / METRICS, "".join(json.dumps(h) + "\n" for h in history))
+
+
+def write_results(folder: Path, *, logits: torch.Tensor, confusions: dict, model_state: dict, summary: dict) -> None:
+    """A run's final files; ``summary.json`` last, since it marks the run finished; then the checkpoint goes."""
+    folder = Path(folder)
+    atomic_write(folder / TEST_LOGITS, lambda f: np.save(f, logits.numpy()))
+    atomic_write(folder / CONFUSIONS, lambda f: np.savez_compressed(
+        f, **{split: counts.numpy() for split, counts in confusions.items()}))
+    atomic_save(model_state, folder / MODEL)
+    atomic_write_text(folder / SUMMARY, json.dumps(summary, indent=1))
+    checkpoint_path(folder).unlink()
+
+
+def remove_leftover_checkpoint(folder: Path) -> None:
+    """A finished run's checkpoint is left by a kill between its summary and the checkpoint's removal."""
+    with contextlib.suppress(OSError):  # tidying only: a read-only store still serves its runs
+        checkpoint_path(folder).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- attempts and failures
+
+def log_attempt(folder: Path, job: str = "") -> None:
+    """Add a line to ``attempts.jsonl`` and clear the last failure, before a training start."""
+    line = {"host": socket.gethostname(), "pid": os.getpid(), "job": job, "time": time.time(),
+            "resumed": has_checkpoint(folder)}
+    before = "".join(json.dumps(a) + "\n" for a in attempts(folder))
+    atomic_write_text(Path(folder) / ATTEMPTS, before + json.dumps(line) + "\n")
+    (Path(folder) / FAILED).unlink(missing_ok=True)
+
+
+def attempts(folder: Path) -> list[dict]:
+    """The training starts logged in ``folder`` (a log for people: lines that do not parse are skipped)."""
+    path = Path(folder) / ATTEMPTS
+    found = []
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+        with contextlib.suppress(ValueError):
+            found.append(json.loads(line))
+    return found
+
+
+def mark_failed(folder: Path, err: Exception) -> None:
+    """Record why the run stopped, for ``python -m cdlib plan --status`` and other workers."""
+    record = {"error": type(err).__name__, "message": str(err), "host": socket.gethostname(),
+              "pid": os.getpid(), "time": time.time()}
+    with contextlib.suppress(OSError):  # the store itself is the problem; the error still reaches the caller
+        atomic_write_text(Path(folder) / FAILED, json.dumps(record, indent=1))
+
+
+def failure(folder: Path) -> dict | None:
+    """The recorded failure of an unfinished run, or None."""
+    try:
+        return json.loads((Path(folder) / FAILED).read_text())
+    except (FileNotFoundError, ValueError):
+        return None

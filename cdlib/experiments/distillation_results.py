@@ -70,14 +70,7 @@ def arch_label(arch: str) -> str:
 
 def load_runs(configs: Sequence[TrainConfig], root=None) -> list[run_store.Run]:
     """The finished runs of ``configs`` from the run store (``root``: default ``outputs/runs``)."""
-    found = []
-    for config in configs:
-        try:
-            found.append(run_store.find_run(config.run_id(), root))
-        except run_store.RunNotFoundError as err:
-            raise run_store.RunNotFoundError(f"{err} Train it with runs.get_or_train (the notebook's training "
-                                             f"cell does) before building tables.") from None
-    return found
+    return run_store.finished_runs(configs, root)
 
 
 def summary_values(run_list: Sequence[run_store.Run], metric: str) -> np.ndarray:

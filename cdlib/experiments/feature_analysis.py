@@ -185,14 +185,12 @@ def analyse_runs(
                            labels=np.asarray(labels), dataset=dataset, profile=profile)
 
 
-def group_runs(profile: Profile, groups: Sequence[str] = KD_GROUPS, device=None, data_root=None,
-               progress: bool = False) -> dict[str, list]:
-    """Each group's finished runs from the run store (trained first if missing, via ``runs.get_or_train``)."""
+def group_runs(profile: Profile, groups: Sequence[str] = KD_GROUPS, root=None) -> dict[str, list]:
+    """Each group's finished runs from the run store (a missing run is an error naming how to train it)."""
     unknown = set(groups) - set(GROUP_PLANS)
     if unknown:
         raise ValueError(f"unknown groups {sorted(unknown)}; known: {list(GROUP_PLANS)}")
-    return {g: [runs.get_or_train(c, device=device, data_root=data_root, progress=progress)
-                for c in GROUP_PLANS[g](profile)] for g in groups}
+    return {g: runs.finished_runs(GROUP_PLANS[g](profile), root) for g in groups}
 
 
 def analyse_profile(profile: Profile, groups: Sequence[str] = KD_GROUPS, *, device=None, data_root=None,
@@ -204,7 +202,7 @@ def analyse_profile(profile: Profile, groups: Sequence[str] = KD_GROUPS, *, devi
     ``groups`` may name any of ``GROUP_PLANS`` (e.g. ``("baseline", "cd")`` for Figure 3).
     """
     device = resolve_device(device)
-    by_group = group_runs(profile, groups, device, data_root)
+    by_group = group_runs(profile, groups)
     images, labels = test_images(profile.dataset, data_root, device)
     return analyse_runs(by_group, images, labels, layer=layer, device=device, batch_size=batch_size,
                         dataset=profile.dataset, profile=profile.name, **tensor_options)

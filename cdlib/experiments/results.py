@@ -1,11 +1,12 @@
 """The real-data results page, ``docs/RESULTS.md``, generated from the run store, never written by hand.
 
-    python -m cdlib results --profile cpu --set dataset=imagefolder:cifar10-jpeg --train
+    python -m cdlib pipeline --profile cpu --set dataset=imagefolder:cifar10-jpeg --train-only   # train
+    python -m cdlib results --profile cpu --set dataset=imagefolder:cifar10-jpeg                 # the page
 
 writes the page from the finished runs of ``plan(profile)``: the methods of the leak question
 (baseline, label smoothing, PS-KD and CD-300 with each confusion source) on the student network,
-every seed, and as many teachers as seeds. ``--train`` first trains what is missing (resumable:
-a killed command picks up where it stopped). Runs not finished yet are listed as missing, so the
+every seed, and as many teachers as seeds. It trains nothing (the executors do, resumably: a
+killed command picks up where it stopped). Runs not finished yet are listed as missing, so the
 page can cover the part of a profile that fitted the time available. Besides the tables, the page
 gives the measured time per epoch and a projection of the whole profile's training time.
 """
@@ -55,10 +56,8 @@ def plan(profile: Profile) -> list[TrainConfig]:
 # ----------------------------------------------------------------------------- measurements
 
 def _model_epoch_seconds(run: run_store.Run) -> pd.Series:
-    """Wall time of each epoch (training and every evaluation) per model: a fused group's epoch time
-    is shared by its members."""
-    metrics = run.metrics
-    return metrics["seconds"] / (metrics["group_size"] if "group_size" in metrics else 1)
+    """Wall time of each epoch (training and every evaluation)."""
+    return run.metrics["seconds"]
 
 
 def _epoch_seconds(run: run_store.Run) -> float:
@@ -269,8 +268,7 @@ def render(profile: Profile, root=None) -> str:
         "## Time on this machine",
         "",
         "Measured: the wall time of one epoch (training, then evaluation on validation and test) per model, "
-        "of the finished runs: the fastest epoch and the median (runs trained as a fused group share each "
-        "epoch's time). The machine ran other work during some runs; the fastest epoch is the least disturbed.",
+        "of the finished runs: the fastest epoch and the median. The machine ran other work during some runs; the fastest epoch is the least disturbed.",
         "",
         md(timing_table(profile, root)),
         "",
@@ -295,15 +293,9 @@ def write_page(profile: Profile, output: Path, root=None) -> Path:
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = ArgumentParser(prog="python -m cdlib results", description=__doc__.splitlines()[0])
     add_profile_arguments(parser)
-    parser.add_argument("--train", action="store_true", help="train the page's missing runs first")
     parser.add_argument("--output", type=Path, default=paths.REPO / "docs" / "RESULTS.md", help="default docs/RESULTS.md")
-    parser.add_argument("--data-root", default=None, help="folder holding the data sets (default $CDLIB_DATA)")
-    parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     args = parser.parse_args(argv)
     profile = profile_from_args(args)
-    if args.train:
-        for config in plan(profile):  # one at a time, so a kill loses at most one run's last epoch
-            run_store.get_or_train_many([config], device=args.device, data_root=args.data_root)
     path = write_page(profile, args.output)
     print(path)
     return path

@@ -1,9 +1,11 @@
-"""Train a plan (a list of run configs) in this process, on the local GPUs, or on Slurm.
+"""The one scheduler: train a plan (a list of run configs) in this process, on the local GPUs, or on Slurm.
 
-The unit of work is one run, trained by ``get_or_train`` on one device: the run store's
-locks (``cdlib.core.locks``) make this safe from any number of workers, and its checkpoints make
-a killed or preempted run cost at most the epochs since its last checkpoint. So every
-executor only has to start runs and watch them:
+The unit of work is one run, trained by ``train_run`` (``fit`` under the run folder's lock,
+``cdlib.core.locks``) on one device: the lock makes this safe from any number of workers, and
+the checkpoints make a killed or preempted run cost at most the epochs since its last checkpoint.
+Every entry point that trains goes through ``train_folder``: the notebooks (``train_plan``), the
+pipeline, ``python -m cdlib train`` and ``executors train``, local workers and Slurm jobs. So
+every executor only has to start runs and watch them:
 
 - ``InProcess``: one after another in this process (what the notebooks do);
 - ``LocalGPUs``: one worker process per run on a free slot (a visible GPU, or one of
@@ -18,10 +20,12 @@ failure with its cause while the other runs go on. Command line::
 
     python -m cdlib executors run PLAN.json --executor local --gpus 0,1   # PLAN.json: cdlib.scaleout.plan --json
     python -m cdlib executors train CONFIG.json --result OUT.json         # one run (what a local slot runs)
+    python -m cdlib train CONFIG.json RUN_DIR                               # one run in a folder of your choice
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -32,12 +36,14 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cdlib.core import locks, runs
 from cdlib import paths
+from cdlib.core import locks, runs
 from cdlib.core.config import TrainConfig
+from cdlib.core.data import DeviceData, hold_out, load_dataset
+from cdlib.core.train import fit
+from cdlib.core.util import atomic_write_text, resolve_device
+from cdlib.errors import ArgumentParser, ConfigError, StoreError, UserError, read_json_file
 from cdlib.experiments.plans import unique
-from cdlib.core.util import atomic_write_text
-from cdlib.errors import ArgumentParser, ConfigError, read_json_file
 
 # What to do, for errors whose message names the problem but not always the fix.
 HINTS = {
@@ -68,13 +74,57 @@ def teacher_of(config: TrainConfig) -> str | None:
     return config.objective_args.get("teacher")
 
 
-def train_one(config: TrainConfig | dict, device=None, data_root=None, on_locked: str = "skip") -> Outcome:
-    """What every worker does with one run: ``get_or_train``, with any error turned into an Outcome."""
+def train_folder(config: TrainConfig, folder: Path, *, on_locked: str = "wait", root: Path | None = None,
+                 **fit_options) -> dict:
+    """Train ``config`` in ``folder`` under the folder's lock: every entry point that trains goes through here.
+
+    If another live worker holds the lock, ``on_locked="wait"`` waits for it and ``"skip"`` raises
+    ``locks.RunLockedError`` naming it (host, pid). A store folder (named by the run id) gets its
+    ``config.json``; every attempt is logged and a failure recorded (``failed.json``).
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise locks.RunStoreError(
+            f"cannot create run folder {folder}: {err.strerror or err}. Make {folder.parent} writable, or point "
+            f"CDLIB_OUTPUTS at a writable folder. No run was changed.") from err
+    in_store = folder.name == config.run_id()
+    with locks.claim(folder, on_locked):
+        if in_store:
+            runs.check_stored_config(folder, config)  # another worker may have created the folder meanwhile
+            runs.write_config(folder, config)
+        if runs.is_finished(folder):  # ... or finished the run while we waited
+            return runs.read_summary(folder)
+        runs.log_attempt(folder, locks.JOB_KEY)
+        try:
+            return fit(config, folder, teachers=runs.load_teachers([config], fit_options.get("device"), root),
+                       **fit_options)
+        except Exception as err:
+            runs.mark_failed(folder, err)
+            raise
+
+
+def train_run(config: TrainConfig, *, root: Path | None = None, on_locked: str = "wait", **fit_options) -> runs.Run:
+    """The finished run of ``config`` in the store, trained (or resumed) first if needed (``train_folder``)."""
+    folder = runs.run_dir(config, root)
+    runs.check_stored_config(folder, config)
+    if not runs.is_finished(folder):
+        train_folder(config, folder, on_locked=on_locked, root=root, **fit_options)
+    runs.remove_leftover_checkpoint(folder)
+    with contextlib.suppress(OSError):  # a worker killed after finishing leaves its lock; a read-only store serves
+        locks.clear_stale(folder)
+    return runs.Run(folder, config)
+
+
+def train_one(config: TrainConfig | dict, device=None, data_root=None, on_locked: str = "skip", data=None,
+              progress: bool = False) -> Outcome:
+    """What every worker does with one run: ``train_run``, with any error turned into an Outcome."""
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
     was_finished = runs.is_finished(runs.run_dir(config))
     try:
-        runs.get_or_train(config, device=device, data_root=data_root, progress=False, on_locked=on_locked)
+        train_run(config, device=device, data_root=data_root, data=data, progress=progress, on_locked=on_locked)
     except locks.RunLockedError as err:
         return Outcome(config.run_id(), "locked", type(err).__name__, str(err))
     except Exception as err:  # every failure is reported by the coordinator; the other runs go on
@@ -85,17 +135,29 @@ def train_one(config: TrainConfig | dict, device=None, data_root=None, on_locked
 # ----------------------------------------------------------------------------- executors
 
 class InProcess:
-    """Train runs one after another in this process."""
+    """Train runs one after another in this process, reading each data set once."""
     poll_s = 1.0
 
-    def __init__(self, device=None, data_root=None):
-        self.device, self.data_root = device, data_root
+    def __init__(self, device=None, data_root=None, progress: bool = False):
+        self.device, self.data_root, self.progress = resolve_device(device), data_root, progress
+        self.data: dict = {}
 
     def free_slots(self) -> int:
         return 1
 
     def start(self, configs: list[TrainConfig]) -> list[Outcome]:
-        return [train_one(c, self.device, self.data_root) for c in configs]
+        return [train_one(c, self.device, self.data_root, data=self._data(c), progress=self.progress)
+                for c in configs]
+
+    def _data(self, config: TrainConfig) -> DeviceData | None:
+        key = (config.dataset, config.rotation, config.validation)
+        if key not in self.data:
+            try:
+                self.data[key] = DeviceData(hold_out(load_dataset(config.dataset, self.data_root), config.validation),
+                                            self.device, config.rotation)
+            except UserError:
+                return None  # the run's own attempt reports it, as a failed run
+        return self.data[key]
 
     def poll(self, handle: Outcome) -> Outcome:
         return handle
@@ -313,6 +375,11 @@ def execute(configs: list[TrainConfig], executor=None, on_locked: str = "wait", 
     session_start = time.time()
     pending = []
     for c in configs:
+        try:  # a hand-edited config.json fails its run (and its students) before anything is written
+            runs.check_stored_config(runs.run_dir(c), c)
+        except StoreError as err:
+            report.outcomes[c.run_id()] = Outcome(c.run_id(), "failed", type(err).__name__, str(err))
+            continue
         if runs.is_finished(runs.run_dir(c)):
             report.outcomes[c.run_id()] = Outcome(c.run_id(), "finished")
         else:
@@ -373,6 +440,20 @@ def execute(configs: list[TrainConfig], executor=None, on_locked: str = "wait", 
         executor.close()
         bar.close()
     return report
+
+
+def train_plan(configs: list[TrainConfig], executor=None, progress: bool = True) -> list[runs.Run]:
+    """The finished runs of ``configs`` (in their order), training the others first with ``executor``
+    (default: in this process); a run that could not be trained is an error listing every such run."""
+    configs = list(configs)
+    report = execute(configs, executor or InProcess(progress=progress), progress=progress)
+    if not report.ok:
+        raise TrainingFailed(report.summary())
+    return runs.finished_runs(configs)
+
+
+class TrainingFailed(UserError, RuntimeError):
+    """Some runs of a plan could not be trained; the message lists them, each with its cause."""
 
 
 def _triage(config: TrainConfig, report: Report, in_plan: set, session_start: float, tried: bool):
@@ -479,4 +560,21 @@ def main(argv=None) -> int:
                      on_locked=args.on_locked, retries=args.retries)
     print(report.summary())
     return 0 if report.ok else 1
+
+
+def train_main(argv=None) -> None:
+    """``python -m cdlib train CONFIG.json RUN_DIR``: train one run in RUN_DIR, under its lock."""
+    parser = ArgumentParser(prog="python -m cdlib train", description=train_main.__doc__)
+    parser.add_argument("config")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training forwards")
+    parser.add_argument("--on-locked", choices=["wait", "skip"], default="skip",
+                        help="the folder is being trained by another live process: refuse (default) or wait for it")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    config = TrainConfig.from_dict(read_json_file(args.config, "the config file"))
+    train_folder(config, args.run_dir, on_locked=args.on_locked, device=args.device, data_root=args.data_root,
+                 compile=args.compile, progress=not args.quiet)
 

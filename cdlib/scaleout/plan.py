@@ -44,8 +44,7 @@ def run_status(config: TrainConfig) -> str:
     failure = runs.failure(folder)
     if failure:
         return f"failed {time.strftime('%Y-%m-%d %H:%M', time.localtime(failure['time']))}: {failure['error']}"
-    metrics = folder / "metrics.jsonl"
-    done = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+    done = runs.epochs_done(folder)
     return f"partial ({done}/{config.epochs} epochs)" if done else "new"
 
 
