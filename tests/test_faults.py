@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from cdlib.core import locks, runs, train
+from cdlib.core import runs
+from cdlib.core import train
+from cdlib.scaleout import locks
 from cdlib.core.config import TrainConfig
 from cdlib.scaleout.executors import InProcess, execute
 from test_data import _write_pickle, make_cifar100  # noqa: E402  (tests/ is on sys.path under pytest)

@@ -30,7 +30,8 @@ import numpy as np
 import pytest
 import torch
 
-from cdlib.core import locks, runs
+from cdlib.core import runs
+from cdlib.scaleout import locks
 from cdlib.errors import UserError
 from kill_harness import RUNS, train  # noqa: E402  (tests/ is on sys.path under pytest)
 

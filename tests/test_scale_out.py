@@ -1,7 +1,7 @@
 """Scale-out: plans without notebooks, run locks, and the executors under crashes and preemption.
 
 Workers here are real processes: forked from this one (fast: torch is already imported) for
-the lock races and SIGKILL trials, ``python -m cdlib executors train`` subprocesses for the
+the lock races and SIGKILL trials, ``python -m cdlib train`` subprocesses for the
 local executor, and submitit's LocalExecutor jobs for the Slurm path. Runs are tiny
 (synthetic data, width 1/16, 1-2 epochs) and single-threaded, so that an interrupted run can
 be compared bit for bit with an uninterrupted one.
@@ -27,7 +27,8 @@ import pytest
 import torch
 
 from cdlib.scaleout import executors, plan
-from cdlib.core import locks, runs
+from cdlib.core import runs
+from cdlib.scaleout import locks
 from cdlib.experiments import pipeline
 from cdlib.core.config import TrainConfig
 from cdlib.scaleout.executors import InProcess, LocalGPUs, execute

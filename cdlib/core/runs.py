@@ -9,7 +9,7 @@
     summary.json     written last: its presence marks a finished run
     attempts.jsonl   one line per training start (host, pid, resumed or not)
     failed.json      after a failure: the error (cleared when the run is tried again)
-    lock.json        while a worker trains it (``cdlib.core.locks``)
+    lock.json        while a worker trains it (``cdlib.scaleout.locks``)
 
 This module alone knows those files: it writes them (each atomically, through
 ``util.atomic_write``: a kill leaves every file whole, old or new), reads them (a damaged file is
@@ -152,18 +152,13 @@ def stored_config(folder: Path, expected: TrainConfig | None = None) -> TrainCon
     return config
 
 
-def check_stored_config(folder: Path, config: TrainConfig) -> None:
-    """Refuse a store folder of ``config`` whose ``config.json`` is not ``config``'s."""
-    stored_config(folder, config)
-
-
 def split_finished(configs: Iterable[TrainConfig], root: Path | None = None) -> tuple[list[Run], list[str]]:
     """The finished runs of ``configs``, in order, and the run ids of the others."""
     done, missing = [], []
     for config in configs:
         folder = run_dir(config, root)
         if is_finished(folder):
-            stored_config(folder, config)
+            stored_config(folder, config)  # refuses a config.json edited after training
             done.append(Run(folder, config))
         else:
             missing.append(config.run_id())
@@ -268,15 +263,14 @@ def load_checkpoint(path: Path, config: TrainConfig | None = None, device=None) 
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # weights_only refused an arbitrary Python object
         raise CheckpointError(
-            f"cannot load checkpoint {path} of {run}: it holds Python objects other than tensors and plain values, "
-            f"and loading it could run arbitrary code, so it was refused ({str(err).splitlines()[-1][:200]}). "
-            f"cdlib never writes such files: delete it (the run restarts from scratch) unless you trust its "
-            f"source.") from err
+            f"cannot load checkpoint {path} of {run}: it holds Python objects other than tensors and plain values, and "
+            f"loading it could run arbitrary code, so it was refused ({str(err).splitlines()[-1][:200]}). cdlib never "
+            f"writes such files: delete it (the run restarts from scratch) unless you trust its source.") from err
     except Exception as err:  # truncated or corrupted archive
         raise CheckpointError(
-            f"cannot load checkpoint {path} of {run}: {type(err).__name__}: {str(err)[:300]}. The file is "
-            f"truncated or damaged (a copy that stopped, a full disk, another program): delete it to restart that "
-            f"run from scratch (other runs are unaffected); never load checkpoints from untrusted sources.") from err
+            f"cannot load checkpoint {path} of {run}: {type(err).__name__}: {str(err)[:300]}. The file is truncated "
+            f"or damaged (a copy that stopped, a full disk, another program): delete it to restart that run from "
+            f"scratch (other runs are unaffected).") from err
     state = state if isinstance(state, dict) else {}
     if config is not None and state.get("config") != config.to_dict():
         raise CheckpointError(f"checkpoint {path} was written for another config ({state.get('config')}), not "

@@ -1,12 +1,11 @@
 """Training one run: ``fit(config, run_dir)``, read top to bottom.
 
 Build the run (network, SGD, generator, objective, KD teacher), resume it from its checkpoint,
-then per epoch: train (the step is inline below), evaluate on test, on validation when the config
-holds images out (``TrainConfig.validation``) and, when the objective asks, in eval mode on the
-training images; let the objective update its state; append the epoch's metrics; checkpoint. At the
-end write the run's final files. Every file goes through the run store (``cdlib.core.runs``),
-which writes each one atomically: a process killed at any byte resumes from its last checkpoint
-to the weights of an uninterrupted run, bitwise on the CPU (on CUDA with ``deterministic=True``).
+then per epoch: train (the step is inline), evaluate (test; validation when the config holds images
+out; the training images in eval mode when the objective asks), let the objective update its state,
+append the epoch's metrics, checkpoint. At the end write the run's final files. Every file goes
+through the run store (``cdlib.core.runs``), atomically: a process killed at any byte resumes to
+the weights of an uninterrupted run, bitwise on the CPU (on CUDA with ``deterministic=True``).
 
 The loop runs every forward pass (objectives score logits, ``cdlib.core.objectives``): the
 student's, CS-KD's gradient-free partner pass after the anchors, and the KD teacher's in eval mode.

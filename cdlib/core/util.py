@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -28,34 +28,18 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     removes the temporary file, keeps the old ``path`` and raises a ``StoreError`` that
     names the file and what to do.
     """
-    atomic_write_all([(path, write)])
-
-
-def temporary_path(path: Path) -> Path:
-    """Where ``atomic_write`` writes ``path`` before renaming it."""
-    return Path(path).with_name(Path(path).name + ".tmp")
-
-
-def atomic_write_all(items: Sequence[tuple[Path, Callable[[BinaryIO], object]]]) -> None:
-    """``atomic_write`` for several files: all are written under temporary names first, then
-    renamed in a row, so a kill leaves them all old or all new, except inside the renames
-    (then the files not yet renamed lie whole under their temporary names)."""
-    written, path = [], None
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
     try:
-        for path, write in items:
-            tmp = temporary_path(path)
-            written.append((tmp, Path(path)))
-            with open(tmp, "wb") as f:
-                write(f)
-        for tmp, path in written:
-            os.replace(tmp, path)
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
     except Exception as err:
         cause = _os_error(err)
         if cause is None:
             raise
-        for tmp, _ in written:
-            tmp.unlink(missing_ok=True)
-        raise write_error(Path(path), cause) from err
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, cause) from err
 
 
 def _os_error(err: BaseException) -> OSError | None:

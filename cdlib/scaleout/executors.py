@@ -1,11 +1,11 @@
 """The one scheduler: train a plan (a list of run configs) in this process, on the local GPUs, or on Slurm.
 
-The unit of work is one run, trained by ``train_run`` (``fit`` under the run folder's lock,
-``cdlib.core.locks``) on one device: the lock makes this safe from any number of workers, and
-the checkpoints make a killed or preempted run cost at most the epochs since its last checkpoint.
-Every entry point that trains goes through ``train_folder``: the notebooks (``train_plan``), the
-pipeline, ``python -m cdlib train`` and ``executors train``, local workers and Slurm jobs. So
-every executor only has to start runs and watch them:
+The unit of work is one run, trained on one device by ``train_folder`` (``fit`` under the run
+folder's lock, ``cdlib.scaleout.locks``), the way every entry point trains: the notebooks
+(``train_plan``), the pipeline, ``python -m cdlib train`` (what a local GPU slot runs) and Slurm
+jobs. The lock makes this safe from any number of workers, and the checkpoints make a killed or
+preempted run cost at most the epochs since its last checkpoint. So every executor only has to
+start runs and watch them:
 
 - ``InProcess``: one after another in this process (what the notebooks do);
 - ``LocalGPUs``: one worker process per run on a free slot (a visible GPU, or one of
@@ -13,14 +13,10 @@ every executor only has to start runs and watch them:
 - ``Slurm``: one submitit job per run, submitted as job arrays; on preemption or timeout
   submitit requeues the job (``TrainTask.checkpoint``) and it resumes from the checkpoint.
 
-``execute`` drives any of them: it starts runs as slots free up, holds back a KD student
-until its teacher (``objective_args["teacher"]``, a run id) is finished, waits for runs that
-another live worker holds, retries runs whose worker crashed (they resume), and reports each
-failure with its cause while the other runs go on. Command line::
+``execute`` drives any of them (KD students after their teachers, retries, a report). Command line::
 
     python -m cdlib executors run PLAN.json --executor local --gpus 0,1   # PLAN.json: cdlib.scaleout.plan --json
-    python -m cdlib executors train CONFIG.json --result OUT.json         # one run (what a local slot runs)
-    python -m cdlib train CONFIG.json RUN_DIR                               # one run in a folder of your choice
+    python -m cdlib train CONFIG.json [RUN_DIR]                             # one run, in the store or RUN_DIR
 """
 from __future__ import annotations
 
@@ -37,7 +33,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cdlib import paths
-from cdlib.core import locks, runs
+from cdlib.core import runs
+from cdlib.scaleout import locks
 from cdlib.core.config import TrainConfig
 from cdlib.core.data import DeviceData, hold_out, load_dataset
 from cdlib.core.train import fit
@@ -92,7 +89,7 @@ def train_folder(config: TrainConfig, folder: Path, *, on_locked: str = "wait", 
     in_store = folder.name == config.run_id()
     with locks.claim(folder, on_locked):
         if in_store:
-            runs.check_stored_config(folder, config)  # another worker may have created the folder meanwhile
+            runs.stored_config(folder, config)  # another worker may have created the folder meanwhile
             runs.write_config(folder, config)
         if runs.is_finished(folder):  # ... or finished the run while we waited
             return runs.read_summary(folder)
@@ -108,7 +105,7 @@ def train_folder(config: TrainConfig, folder: Path, *, on_locked: str = "wait", 
 def train_run(config: TrainConfig, *, root: Path | None = None, on_locked: str = "wait", **fit_options) -> runs.Run:
     """The finished run of ``config`` in the store, trained (or resumed) first if needed (``train_folder``)."""
     folder = runs.run_dir(config, root)
-    runs.check_stored_config(folder, config)
+    runs.stored_config(folder, config)
     if not runs.is_finished(folder):
         train_folder(config, folder, on_locked=on_locked, root=root, **fit_options)
     runs.remove_leftover_checkpoint(folder)
@@ -117,11 +114,9 @@ def train_run(config: TrainConfig, *, root: Path | None = None, on_locked: str =
     return runs.Run(folder, config)
 
 
-def train_one(config: TrainConfig | dict, device=None, data_root=None, on_locked: str = "skip", data=None,
+def train_one(config: TrainConfig, device=None, data_root=None, on_locked: str = "skip", data=None,
               progress: bool = False) -> Outcome:
     """What every worker does with one run: ``train_run``, with any error turned into an Outcome."""
-    if isinstance(config, dict):
-        config = TrainConfig.from_dict(config)
     was_finished = runs.is_finished(runs.run_dir(config))
     try:
         train_run(config, device=device, data_root=data_root, data=data, progress=progress, on_locked=on_locked)
@@ -221,7 +216,7 @@ class LocalGPUs:
             config_path, result, log = (self.folder / f"{name}{ext}" for ext in (".json", ".result.json", ".log"))
             config_path.write_text(json.dumps(config.to_dict()))
             result.unlink(missing_ok=True)
-            cmd = [sys.executable, "-m", "cdlib", "executors", "train", str(config_path), "--result", str(result),
+            cmd = [sys.executable, "-m", "cdlib", "train", str(config_path), "--result", str(result),
                    "--device", self.slots[slot]["device"]]
             if self.data_root:
                 cmd += ["--data-root", str(self.data_root)]
@@ -267,7 +262,7 @@ class TrainTask:
         os.environ["CDLIB_OUTPUTS"] = self.outputs  # KD teachers are looked up in the store by id
         # A requeued job keeps its id: it may take over the lock its killed incarnation left.
         locks.JOB_KEY = f"submitit:{submitit.JobEnvironment().job_id}"
-        return asdict(train_one(self.config, self.device, self.data_root))
+        return asdict(train_one(TrainConfig.from_dict(self.config), self.device, self.data_root))
 
     def checkpoint(self, *args, **kwargs):
         # The state worth keeping is already on disk (the run's checkpoint.pt): resubmit as is.
@@ -376,7 +371,7 @@ def execute(configs: list[TrainConfig], executor=None, on_locked: str = "wait", 
     pending = []
     for c in configs:
         try:  # a hand-edited config.json fails its run (and its students) before anything is written
-            runs.check_stored_config(runs.run_dir(c), c)
+            runs.stored_config(runs.run_dir(c), c)
         except StoreError as err:
             report.outcomes[c.run_id()] = Outcome(c.run_id(), "failed", type(err).__name__, str(err))
             continue
@@ -532,6 +527,7 @@ def load_plan(path: Path) -> list[TrainConfig]:
 
 
 def main(argv=None) -> int:
+    """``python -m cdlib executors run PLAN.json``: train every run of a plan file."""
     parser = ArgumentParser(prog="python -m cdlib executors", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train every run of a plan file")
@@ -541,40 +537,34 @@ def main(argv=None) -> int:
     run.add_argument("--on-locked", choices=["wait", "skip"], default="wait",
                      help="runs another live worker trains: wait for them, or leave them to it")
     add_executor_arguments(run)
-    one = sub.add_parser("train", help="train one run (a config JSON) through the run store's lock")
-    one.add_argument("config", type=Path)
-    one.add_argument("--result", type=Path, default=None, help="write the outcome here as JSON")
-    one.add_argument("--device", default=None)
-    one.add_argument("--data-root", default=None)
-    one.add_argument("--on-locked", choices=["wait", "skip"], default="skip")
     args = parser.parse_args(argv)
-
-    if args.command == "train":
-        outcome = train_one(read_json_file(args.config, "the config file"), args.device, args.data_root,
-                            args.on_locked)
-        print(f"{outcome.run_id}: {outcome.status} {outcome.error} {outcome.message}".rstrip(), flush=True)
-        if args.result:
-            atomic_write_text(args.result, json.dumps(asdict(outcome)))
-        return 0 if outcome.status == "finished" else 1
     report = execute(load_plan(args.plan), executor_from_args(args, args.data_root, args.device),
                      on_locked=args.on_locked, retries=args.retries)
     print(report.summary())
     return 0 if report.ok else 1
 
 
-def train_main(argv=None) -> None:
-    """``python -m cdlib train CONFIG.json RUN_DIR``: train one run in RUN_DIR, under its lock."""
+def train_main(argv=None) -> int:
+    """``python -m cdlib train CONFIG.json [RUN_DIR]``: train one run under its folder's lock, in the run
+    store (what a local GPU slot runs; ``--result`` writes its outcome) or in RUN_DIR."""
     parser = ArgumentParser(prog="python -m cdlib train", description=train_main.__doc__)
     parser.add_argument("config")
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dir", type=Path, nargs="?", help="default: the run's folder in the run store")
     parser.add_argument("--device", default=None)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--compile", action="store_true", help="torch.compile the training forwards")
     parser.add_argument("--on-locked", choices=["wait", "skip"], default="skip",
                         help="the folder is being trained by another live process: refuse (default) or wait for it")
+    parser.add_argument("--result", type=Path, default=None, help="in the store: write the outcome here as JSON")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     config = TrainConfig.from_dict(read_json_file(args.config, "the config file"))
-    train_folder(config, args.run_dir, on_locked=args.on_locked, device=args.device, data_root=args.data_root,
-                 compile=args.compile, progress=not args.quiet)
-
+    if args.run_dir:
+        train_folder(config, args.run_dir, on_locked=args.on_locked, device=args.device, data_root=args.data_root,
+                     compile=args.compile, progress=not args.quiet)
+        return 0
+    outcome = train_one(config, args.device, args.data_root, args.on_locked)
+    print(f"{outcome.run_id}: {outcome.status} {outcome.error} {outcome.message}".rstrip(), flush=True)
+    if args.result:
+        atomic_write_text(args.result, json.dumps(asdict(outcome)))
+    return 0 if outcome.status == "finished" else 1

@@ -13,7 +13,8 @@ import json
 import sys
 import time
 
-from cdlib.core import locks, runs
+from cdlib.core import runs
+from cdlib.scaleout import locks
 from cdlib.core.config import TrainConfig
 from cdlib.experiments.plans import combined_plan, notebook_plan
 from cdlib.experiments.profiles import Profile, add_profile_arguments, profile_from_args
