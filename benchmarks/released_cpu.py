@@ -2,7 +2,9 @@
 sizes (the real ones are not downloadable here): ``python benchmarks/released_cpu.py [--images 500]``.
 
 Per network: the time of a forward pass over ``--images`` CIFAR-size images at full width, scaled to the
-10,000 test images and multiplied by the number of released checkpoints that need that network. For the
+10,000 test images and multiplied by the number of test-set passes that need that network: one per released
+checkpoint and distinct input normalisation (CS-KD and PS-KD are evaluated under their own statistics and
+under the authors' evaluate_models.py's, so twice; baseline and CD once). For the
 Omega tensors: a generated 0/1 tensor of the KD file's shape (60, 10000, T) is written, memory-mapped and
 run through the statistics; the time is scaled linearly in T to the released T (not stated by the
 authors; about 800 from the file size).
@@ -41,16 +43,21 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--features", type=int, default=200, help="T of the generated tensor")
     args = parser.parse_args()
-    needed = Counter(art.network_for(m, a) for m in art.TABLE2_METHODS for a in art.TABLE2_ARCHS for _ in art.RUNS)
-    needed["resnet152"] += 1  # the Section 4.1 teacher (its baseline is a Table 2 run, counted above)
+    needed = Counter()
+    for method in art.TABLE2_METHODS:
+        passes = len({art.NORMALISATION[s] for s in art.normalisations(method).values()}) * len(art.RUNS)
+        for arch in art.TABLE2_ARCHS:
+            needed[art.network_for(method, arch)] += passes
+    needed["resnet152"] += 1  # the Section 4.1 teacher
+    needed["resnet18"] += 1  # Section 4.1 evaluates its baseline, Table 2 baseline run1, once more
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'network':<18} {'files':>5} {'s / 10k images':>15} {'s in all':>9}")
+    print(f"{'network':<18} {'passes':>6} {'s / 10k images':>15} {'s in all':>9}")
     total = 0.0
-    for network, files in sorted(needed.items()):
-        per_file = forward_seconds(network, args.images) * art.TEST_IMAGES / args.images
-        total += per_file * files
-        print(f"{network:<18} {files:>5} {per_file:>15.1f} {per_file * files:>9.0f}")
-    print(f"{'checkpoints':<18} {sum(needed.values()):>5} {'':>15} {total:>9.0f}  ({total / 3600:.2f} h)")
+    for network, passes in sorted(needed.items()):
+        per_pass = forward_seconds(network, args.images) * art.TEST_IMAGES / args.images
+        total += per_pass * passes
+        print(f"{network:<18} {passes:>6} {per_pass:>15.1f} {per_pass * passes:>9.0f}")
+    print(f"{'test-set passes':<18} {sum(needed.values()):>6} {'':>15} {total:>9.0f}  ({total / 3600:.2f} h)")
     with tempfile.TemporaryDirectory() as folder:
         rng = np.random.default_rng(0)
         omega = (rng.random((60, art.TEST_IMAGES, args.features), dtype=np.float32) < 0.05).astype(np.int32)

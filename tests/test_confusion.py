@@ -282,23 +282,7 @@ def test_block_structure_beats_shuffled_control():
 
 
 # ---------------------------------------------------------------------------
-# Tables, epochs, ordering
-
-
-def test_similarity_table_and_format():
-    rng = np.random.default_rng(0)
-    m, _ = block_matrix(rng)
-    q, _ = block_matrix(rng)
-    m2, _ = block_matrix(rng)
-    table = cf.similarity_table({"M vs Q": (m, q), "M vs M2": (m, m2)}, num_shuffles=10)
-    assert list(table.index) == list(cf.MEASURES)
-    assert list(table.columns) == ["paper", "M vs Q", "M vs M2", "M vs Q shuffled: mean", "M vs Q shuffled: std"]
-    assert table.loc["pearson", "paper"] == 0.85 and np.isnan(table.loc["spearman", "paper"])
-    assert table.loc["cosine", "M vs Q"] == pytest.approx(cf.mean_row_cosine(m, q))
-    text = cf.format_similarity_table(table)
-    assert list(text.columns) == ["paper", "M vs Q", "M vs M2", "M vs Q shuffled"]
-    assert text.loc["spearman", "paper"] == "n/a"
-    assert " ± " in text.loc["pearson", "M vs Q shuffled"]
+# Epochs, ordering
 
 
 def test_similarity_over_epochs():

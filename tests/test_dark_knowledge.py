@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import numpy as np
 import pytest
 
-from cdlib.experiments import claims, plans
+from cdlib.experiments import claims, paper, plans
 from cdlib.core import confusion, runs
 from cdlib import paths
 from cdlib.experiments import dark_knowledge as dk
@@ -248,9 +248,9 @@ def test_analyse_fake_store_matches_references():
         assert summary.loc[measure, "z min"] == pytest.approx(min(base[f"{measure} z"]), abs=1e-12)
         assert summary.loc[measure, "shuffled mean"] == pytest.approx(
             sum(base[f"{measure} shuffled mean"]) / 3, abs=1e-12)
-        paper = confusion.PAPER_VALUES.get(measure)
-        if paper is not None:
-            assert summary.loc[measure, "ours - paper"] == pytest.approx(mean - paper, abs=1e-12)
+        reported = paper.CONFUSION_SIMILARITY.get(measure)
+        if reported is not None:
+            assert summary.loc[measure, "ours - paper"] == pytest.approx(mean - reported, abs=1e-12)
     # Curves: every epoch of every baseline and of the two finished CD models.
     assert set(result.epochs["group"]) == {"baseline", "cd"}
     assert len(result.epochs[result.epochs["group"] == "baseline"]) == 3 * profile.epochs

@@ -177,7 +177,7 @@ def test_cd_claim_rule(tmp_path):
     assert "ResNet-34: CD-300 65.10" in claim.ours and "margin over PS-KD +2.00" in claim.ours
     p = stats.ttest_ind([65.0, 65.6, 64.7], [63.0, 63.6, 62.7], equal_var=False).pvalue
     assert f"Welch p {p:.3g}" in claim.ours and p < 0.05
-    assert dr.paper_resnet34_margin() == pytest.approx(1.2)
+    assert paper.resnet34_margin() == pytest.approx(1.2)
     # The paper's own numbers, stated network by network: PS-KD is higher on ResNet-18 and DenseNet-121.
     assert "ResNet-18 77.13 vs CS-KD 76.38 / PS-KD 77.41 (not above both)" in claim.paper
     assert "ResNet-34 78.53 vs CS-KD 76.73 / PS-KD 77.33 (above both)" in claim.paper
@@ -255,8 +255,8 @@ def test_table1_frame(tmp_path):
         if not runs.is_finished(runs.run_dir(config, tmp_path)):
             write_fake_run(tmp_path, config, 50.0 + i)
     t1 = dr.table1_frame(P, root=tmp_path)
-    assert list(t1["paper row"]) == [r[0] for r in plans.TABLE1_ROWS]
-    assert list(t1["paper (best)"]) == [r[3] for r in plans.TABLE1_ROWS]
+    assert list(t1["paper row"]) == [r[0] for r in paper.TABLE1]
+    assert list(t1["paper (best)"]) == [r[3] for r in paper.TABLE1]
     assert t1["soft:CE"].iloc[0] == "-" and t1["our schedule"].iloc[0] == "CE only"
     assert t1["soft:CE"].iloc[1] == "0.85:0.15" and t1["our schedule"].iloc[1] == "1H 5S"
     assert t1["final top-1"].iloc[3] == 53.0
@@ -265,7 +265,7 @@ def test_table1_frame(tmp_path):
 # ------------------------------------------------------------------ the EMA replay
 
 def ema_reference(counts: np.ndarray, schedule, mu=0.9, eps=0.1, static=False) -> np.ndarray:
-    """Plain float64 loop of PAPER.md section 6's EMA, after each epoch."""
+    """Plain float64 loop of CD's EMA (the paper's Section 4.2), after each epoch."""
     E, K, _ = counts.shape
     Q = np.full((K, K), eps / K)
     Q[np.diag_indices(K)] += 1 - eps

@@ -1,7 +1,7 @@
 """Tests of the Interaction Tensor (cdlib.core.interaction) and its figures.
 
 The central check compares the fast implementation with a slow one written plainly
-from PAPER.md section 4 (float64, Python loops), on synthetic activations whose
+from the paper's Sections 3.2-3.4 (float64, Python loops), on synthetic activations whose
 features are planted and therefore known.
 """
 import itertools
@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from cdlib.core import interaction as it  # noqa: E402
+from cdlib.experiments import paper  # noqa: E402
 from cdlib.experiments import interaction_figures as figs  # noqa: E402
 
 N_MODELS, N_IMAGES, N_DIMS = 6, 2000, 64
@@ -25,7 +26,7 @@ K = SHARED_PER_MODEL + PRIVATE_PER_MODEL
 
 
 # --------------------------------------------------------------------------------------
-# Slow reference, step by step from PAPER.md section 4
+# Slow reference, step by step from the paper's Sections 3.2-3.4
 # --------------------------------------------------------------------------------------
 
 def reference_greedy(abs_corr, gamma, truncate_best=False):
@@ -345,7 +346,8 @@ def test_summary_table_puts_paper_numbers_beside_ours(planted_tensor):
     groups = [it.group_statistics(planted_tensor, g, models, probabilities)
               for g, models in (("baseline", [0, 1]), ("student", [2, 3]), ("teacher", [4, 5]))]
     np.testing.assert_allclose(groups[0].confidence, probabilities[[0, 1]].mean(axis=0))
-    table = it.summary_table(groups)
+    assert it.summary_table(groups)["paper"].isna().all()  # the core knows no paper numbers
+    table = it.summary_table(groups, paper.interaction_statistics(g.name for g in groups))
     assert list(table.columns) == ["statistic", "groups", "paper", "ours"]
     assert len(table) == 16 and table["paper"].notna().all()
     row = table[(table.statistic == "features shared by the pair") & (table.groups == "student & teacher")]
@@ -357,8 +359,9 @@ def test_summary_table_puts_paper_numbers_beside_ours(planted_tensor):
         np.testing.assert_array_equal(restricted, g.frequency[common])
         assert table[(table.statistic == "mean frequency of features shared by all")
                      & (table.groups == g.name)]["ours"].item() == pytest.approx(restricted.mean())
-    two = it.summary_table([groups[0], it.group_statistics(planted_tensor, "cd", [2, 3])])
-    assert two["paper"].isna().all() and "features shared by the pair" not in set(two.statistic)
+    two = [groups[0], it.group_statistics(planted_tensor, "cd", [2, 3])]
+    table = it.summary_table(two, paper.interaction_statistics(g.name for g in two))
+    assert table["paper"].isna().all() and "features shared by the pair" not in set(table.statistic)
 
 
 # --------------------------------------------------------------------------------------

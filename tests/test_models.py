@@ -8,10 +8,10 @@ def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# ResNet-18/34/50 are the paper's numbers (PAPER.md section 2). ResNet-101/152 and
-# DenseNet-121 are this code's values, recorded as regression guards, not the paper's. The
-# pre-activation ones are the counts of the CS-KD / PS-KD code's CIFAR networks (their released
-# checkpoints must load into these).
+# ResNet-18/34/50 are the paper's numbers (its Section 2). ResNet-101/152 and DenseNet-121 are
+# this code's values, recorded as regression guards, not the paper's. The pre-activation ones are
+# the counts of the CS-KD / PS-KD code's CIFAR networks. Equal counts do not make equal networks:
+# test_released.py checks every network a released checkpoint loads into by its forward pass.
 PARAMS_100 = {
     "preact_resnet18": 11_217_444,
     "preact_resnet34": 21_325_604,

@@ -1,4 +1,4 @@
-"""Objectives against plain float64 references written from the formulas (METHODS.md, PAPER.md s.6).
+"""Objectives against plain float64 references written from the formulas (each method's paper; CD: Section 4.2).
 
 References loop over samples and classes in python floats, so they share no code
 with the vectorised implementation. Models are a linear layer on flattened

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cdlib.experiments import plans
+from cdlib.experiments import paper, plans
 from cdlib.experiments.profiles import builtin_names, get_profile
 
 PROFILES = {name: get_profile(name) for name in builtin_names()}
@@ -26,7 +26,7 @@ def test_every_method_gets_the_budget_of_its_paper_counterpart(name):
         assert config.epochs == profile.scaled(paper_epochs), (method, config.epochs)
         if "schedule" in args:
             assert sum(config.objective_args["schedule"]) == config.epochs
-    for (label, _, schedule, _), (_, config, _) in zip(plans.TABLE1_ROWS, plans.table1(profile)):
+    for (label, _, schedule, _), (_, config, _) in zip(paper.TABLE1, plans.table1(profile)):
         if schedule:  # at least one epoch per phase, where a profile has fewer epochs than the row has phases
             budget = max(profile.scaled(sum(schedule)), len(schedule))
             assert sum(config.objective_args["schedule"]) == config.epochs == budget, label

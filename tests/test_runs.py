@@ -59,9 +59,9 @@ def test_find_run_of_unfinished_run_says_so(isolated_outputs):
 
 def test_frames_and_tables(isolated_outputs):
     finished = [executors.train_run(TINY.replace(seed=s), progress=False) for s in range(2)]
-    frame = runs.runs_frame(finished)
+    frame = tables.runs_frame(finished)
     assert len(frame) == 2 and {"final_top1", "best_top1", "seed", "arch"} <= set(frame.columns)
-    long = runs.metrics_frame(finished)
+    long = tables.metrics_frame(finished)
     assert len(long) == 4 and set(long["seed"]) == {0, 1}
     table = tables.summarise(frame, by=["arch"])
     values = frame["final_top1"].to_numpy()
@@ -69,7 +69,7 @@ def test_frames_and_tables(isolated_outputs):
     assert table.loc[0, "final_top1_std"] == pytest.approx(values.std(ddof=1))
     written = tables.write_table(table, "t", caption="tiny 50% test")
     assert pd.read_csv(written["csv"]).shape[0] == 1
-    assert written["md"].read_text().startswith("| arch |")
+    assert written["md"].read_text().startswith("| arch ")
     assert r"50\%" in written["tex"].read_text() and r"\begin{tabular}" in written["tex"].read_text()
 
 

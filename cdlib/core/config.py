@@ -1,6 +1,7 @@
 """The training recipe as one plain dataclass, saved with every run.
 
-Defaults are the recipe of the paper's released code (PAPER.md section 2):
+Defaults are the recipe of the paper's Section 2 as its released training scripts (a fork of
+weiaicunzai/pytorch-cifar100) run it:
 SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 128, one epoch of linear
 warm-up stepped per iteration, lr x0.2 at 30/60/80% of the epochs, crop + flip +
 rotation(15), 200 epochs. A run is identified by the hash of this config, so two

@@ -1,4 +1,4 @@
-"""Confusion as dark knowledge (paper Section 4.1, PAPER.md section 5).
+"""Confusion as dark knowledge (the paper's Section 4.1).
 
 Two class-by-class matrices are compared:
 
@@ -9,29 +9,24 @@ Two class-by-class matrices are compared:
 
 Rows are the true class, columns the predicted class. The diagonal says how
 accurate a model is, not which classes it confuses, so every measure here looks at
-the off-diagonal entries only. The paper reports three measures (Pearson 0.85,
-per-class cosine 0.76, soft Jaccard 0.38); we add Spearman, a comparison of the
-spectra, a shuffled control and tracking over training epochs.
+the off-diagonal entries only. The paper reports three measures (Pearson, per-class
+cosine, soft Jaccard; its values are in ``cdlib.experiments.paper``); we add Spearman,
+a comparison of the spectra, a shuffled control and tracking over training epochs.
 
 Everything is computed in float64 numpy. Inputs may be numpy arrays, anything
 ``np.asarray`` accepts, or torch tensors (on any device).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import special
 from scipy.stats import rankdata
 
 # Similarity measures, in the order of every table and figure.
 MEASURES = ("pearson", "cosine", "soft_jaccard", "spearman", "spectral_overlap")
-
-# The paper's values for teacher M against baseline Q (CIFAR-100 test set).
-PAPER_VALUES = {"pearson": 0.85, "cosine": 0.76, "soft_jaccard": 0.38}
-
-# Suffixes of the shuffled-control columns of ``similarity_table``.
-_MEAN, _STD = " shuffled: mean", " shuffled: std"
 
 
 # ---------------------------------------------------------------------------
@@ -102,14 +97,6 @@ def hard_confusion(labels, predictions, num_classes: int, eps: float = 1e-8) -> 
     return row_normalise(confusion_counts(labels, predictions, num_classes), eps)
 
 
-def softmax(logits, temperature: float = 1.0) -> np.ndarray:
-    """Softmax over the last axis, in float64, stable for large logits."""
-    z = _numpy(logits, np.float64) / temperature
-    z -= z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def class_mean_softmax(probs, labels, num_classes: int, from_logits: bool = False) -> np.ndarray:
     """M: row j = mean of the (N, C) probabilities over the samples of class j.
 
@@ -117,7 +104,9 @@ def class_mean_softmax(probs, labels, num_classes: int, from_logits: bool = Fals
     Every class needs at least one sample: the mean of nothing is not a
     distribution, and inventing one would bias the comparison.
     """
-    p = softmax(probs) if from_logits else _numpy(probs, np.float64)
+    p = _numpy(probs, np.float64)
+    if from_logits:
+        p = special.softmax(p, axis=-1)
     labels = _class_labels(labels, num_classes, "labels")
     if p.shape != (labels.shape[0], num_classes):
         raise ValueError(f"probabilities have shape {p.shape}, expected ({labels.shape[0]}, {num_classes})")
@@ -150,7 +139,7 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def offdiag_pearson(a, b) -> float:
-    """Pearson correlation over all C(C-1) off-diagonal entries (paper: 0.85)."""
+    """Pearson correlation over all C(C-1) off-diagonal entries (the paper's first measure)."""
     a, b = _pair(a, b)
     return _pearson(offdiagonal(a).ravel(), offdiagonal(b).ravel())
 
@@ -184,7 +173,7 @@ def row_cosines(a, b) -> np.ndarray:
 
 
 def mean_row_cosine(a, b) -> float:
-    """Mean over classes of ``row_cosines`` (paper: 0.76)."""
+    """Mean over classes of ``row_cosines`` (the paper's per-class cosine)."""
     return float(row_cosines(a, b).mean())
 
 
@@ -205,7 +194,7 @@ def row_soft_jaccard(a, b) -> np.ndarray:
 
 
 def mean_soft_jaccard(a, b) -> float:
-    """Mean over classes of ``row_soft_jaccard`` (paper: 0.38)."""
+    """Mean over classes of ``row_soft_jaccard`` (the paper's soft Jaccard)."""
     return float(row_soft_jaccard(a, b).mean())
 
 
@@ -299,49 +288,7 @@ def shuffled_control(a, b, num_shuffles: int = 100, seed=0) -> dict[str, tuple[f
 
 
 # ---------------------------------------------------------------------------
-# Tables and training curves
-
-
-def similarity_table(
-    pairs: Mapping[str, tuple],
-    control: str | None = None,
-    num_shuffles: int = 100,
-    seed: int = 0,
-) -> pd.DataFrame:
-    """Rows: measures. Columns: the paper's value (NaN where it reports none), one
-    column per named pair ``name -> (A, B)``, then mean and std of the shuffled
-    control of the pair named ``control`` (the first pair by default).
-
-    For example ``{"teacher M vs baseline Q": (M, Q), "teacher M vs teacher 2 M":
-    (M, M2)}``: the second pair is a ceiling, how alike two teachers are.
-    """
-    if not pairs:
-        raise ValueError("need at least one pair of matrices")
-    control = next(iter(pairs)) if control is None else control
-    table = pd.DataFrame(index=pd.Index(MEASURES, name="measure"))
-    table["paper"] = [PAPER_VALUES.get(m, np.nan) for m in MEASURES]
-    for name, (a, b) in pairs.items():
-        table[name] = pd.Series(similarity(a, b))
-    null = shuffled_control(*pairs[control], num_shuffles=num_shuffles, seed=seed)
-    table[control + _MEAN] = [null[m][0] for m in MEASURES]
-    table[control + _STD] = [null[m][1] for m in MEASURES]
-    return table
-
-
-def format_similarity_table(table: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
-    """Text version of ``similarity_table``: NaN as "n/a", control as "mean ± std"."""
-    out = pd.DataFrame(index=table.index)
-    for col in table.columns:
-        if col.endswith(_STD):
-            continue
-        if col.endswith(_MEAN):
-            std = table[col[: -len(_MEAN)] + _STD]
-            out[col[: -len(_MEAN)] + " shuffled"] = [
-                f"{m:.{digits}f} ± {s:.{digits}f}" for m, s in zip(table[col], std)
-            ]
-        else:
-            out[col] = ["n/a" if np.isnan(v) else f"{v:.{digits}f}" for v in table[col]]
-    return out
+# Training curves and class order
 
 
 def similarity_over_epochs(

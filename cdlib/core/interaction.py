@@ -1,6 +1,6 @@
 """The Interaction Tensor (Jiang, Baek & Kolter, ICLR 2024) as the paper applies it.
 
-Pipeline (PAPER.md section 4), for M models and N images:
+Pipeline (the paper's Sections 3.2-3.4), for M models and N images:
 
 1. activations of each model (pooled penultimate layer by default);
 2. per model, PCA to K components: projections P_m (N x K);
@@ -26,7 +26,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -529,39 +529,16 @@ def shared_frequencies(groups: Sequence[GroupStatistics]) -> dict[str, np.ndarra
     return {g.name: g.frequency[common] for g in groups}
 
 
-# The paper's numbers for its 60-model tensor (20 baselines, 20 students, 20 teachers).
-# Pairwise counts include the features shared by all three: the exclusive reading
-# would need |student| >= 70 + 132 + 170 = 372 > 281.
-PAPER_KD_GROUPS = frozenset({"baseline", "student", "teacher"})
-PAPER_KD_SUMMARY = {
-    ("features |F|", "baseline"): 531,
-    ("features |F|", "student"): 281,
-    ("features |F|", "teacher"): 264,
-    ("mean frequency E[F]", "baseline"): 1329,
-    ("mean frequency E[F]", "student"): 2121,
-    ("mean frequency E[F]", "teacher"): 2243,
-    ("features shared by all groups", PAPER_KD_GROUPS): 70,
-    ("mean frequency of features shared by all", "baseline"): 2938,
-    ("mean frequency of features shared by all", "student"): 3043,
-    ("mean frequency of features shared by all", "teacher"): 3118,
-    ("features shared by the pair", frozenset({"baseline", "student"})): 132,
-    ("features shared by the pair", frozenset({"baseline", "teacher"})): 96,
-    ("features shared by the pair", frozenset({"student", "teacher"})): 170,
-    ("features per image D", "baseline"): 71,
-    ("features per image D", "student"): 60,
-    ("features per image D", "teacher"): 59,
-}
+def summary_table(groups: Sequence[GroupStatistics], paper: Mapping | None = None) -> pd.DataFrame:
+    """The paper's Section 3 statistics for ``groups``, with reference values beside ours.
 
-
-def summary_table(groups: Sequence[GroupStatistics]) -> pd.DataFrame:
-    """The paper's Section 3 statistics for ``groups``, with the paper's values beside ours.
-
-    Columns: statistic, groups, paper, ours. The paper column is filled only when
-    the groups are exactly baseline, student and teacher (its 60-model tensor); the
-    CD numbers of its Section 4.3 are internally inconsistent and are not listed.
+    Columns: statistic, groups, paper, ours. ``paper`` holds the reference values, keyed
+    (statistic, group name) or (statistic, frozenset of group names), e.g.
+    ``cdlib.experiments.paper.interaction_statistics(names)``; the paper column is NaN
+    where it has none.
     """
     names = [g.name for g in groups]
-    paper = PAPER_KD_SUMMARY if frozenset(names) == PAPER_KD_GROUPS else {}
+    paper = paper or {}
     rows = []
 
     def add(statistic: str, members: Sequence[str], ours: float) -> None:

@@ -1,16 +1,18 @@
 """CIFAR networks: post-activation ResNet-18/34/50/101/152 and DenseNet-121, and the
 pre-activation variants the released CS-KD and PS-KD checkpoints need.
 
-The post-activation ones follow the widely used ``pytorch-cifar100`` definitions (PAPER.md
-section 2), written from the description, not copied. CIFAR images are 32x32, so the stem is a
+The post-activation ones follow the widely used ``pytorch-cifar100`` definitions (the paper's
+Section 2), written from the description, not copied. CIFAR images are 32x32, so the stem is a
 single 3x3 stride-1 conv with no max-pool; the last stage is then 4x4.
 
 ``preact_resnet18/34/50`` and ``cskd_densenet121`` are the networks of the CS-KD and PS-KD
 code (the released Table 2 checkpoints of those rows; PS-KD's ResNet-50 is post-activation and
-is ``resnet50``). They differ from the others where it matters for loading weights: blocks
-normalise before each conv, a projection shortcut is a conv alone applied to the normalised
-input, and no BN follows the last stage; their DenseNet puts the new maps before the old ones
-and has a ReLU in its transitions.
+is ``resnet50``). They differ from the others in their forward pass, not only in their weights:
+each block computes a = ReLU(BN(x)) first and feeds a to its convs and to its shortcut (the
+identity then carries a, not x; a projection is a conv alone), nothing follows the sum, and no
+BN follows the last stage; their DenseNet puts the new maps before the old ones and has a ReLU
+in its transitions. ``tests/test_released.py`` checks every network a released checkpoint
+loads into against its own statement of the upstream code's forward pass.
 
 Every network exposes the same three views, because the analysis (Interaction
 Tensor, PCA of features) reads activations as well as logits:
@@ -132,7 +134,7 @@ class ResNet(nn.Module):
 
 
 class PreActBlock(nn.Module):
-    """BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus shortcut, no ReLU after the sum (pre-activation)."""
+    """a = ReLU(BN(x)); conv3x3-BN-ReLU-conv3x3 of a, plus shortcut(a); no ReLU after the sum (pre-activation)."""
 
     expansion = 1
 
@@ -145,14 +147,12 @@ class PreActBlock(nn.Module):
         self.shortcut = _preact_shortcut(in_ch, ch, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
-        shortcut = x if self.shortcut is None else self.shortcut(out)  # a projection sees the normalised input
-        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
-        return out + shortcut
+        a = F.relu(self.bn1(x))
+        return self.conv2(F.relu(self.bn2(self.conv1(a)))) + self.shortcut(a)
 
 
 class PreActBottleneck(nn.Module):
-    """BN-ReLU-conv1x1-BN-ReLU-conv3x3(stride)-BN-ReLU-conv1x1(x4) plus shortcut (pre-activation)."""
+    """a = ReLU(BN(x)); conv1x1-BN-ReLU-conv3x3(stride)-BN-ReLU-conv1x1(x4) of a, plus shortcut(a)."""
 
     expansion = 4
 
@@ -167,15 +167,16 @@ class PreActBottleneck(nn.Module):
         self.shortcut = _preact_shortcut(in_ch, ch * 4, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
-        shortcut = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
-        return self.conv3(F.relu(self.bn3(out))) + shortcut
+        a = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(a))))
+        return self.conv3(F.relu(self.bn3(out))) + self.shortcut(a)
 
 
-def _preact_shortcut(in_ch: int, out_ch: int, stride: int) -> nn.Module | None:
+def _preact_shortcut(in_ch: int, out_ch: int, stride: int) -> nn.Module:
+    # Applied to the block's pre-activated input a = relu(bn1(x)), never to x itself, whether it is the identity or
+    # the projection: that is the CS-KD / PS-KD blocks' forward, and their checkpoints only work with it.
     if stride == 1 and in_ch == out_ch:
-        return None
+        return nn.Identity()
     return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False))
 
 

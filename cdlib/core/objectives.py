@@ -25,7 +25,9 @@ Registered objectives (``TrainConfig.objective`` -> class):
     pskd      PSKD                    progressive self-KD (Kim et al. 2021)
     cd        ConfusionDistillation   the paper's method and its ablations
 
-Definitions follow ``shared/reference/METHODS.md`` and PAPER.md section 6.
+Definitions follow each method's paper and official code (CS-KD: alinlab/cs-kd; PS-KD:
+lgcnsai/PS-KD-Pytorch; Tf-KD: yuanli2333/Teacher-free-Knowledge-Distillation) and, for CD,
+the paper's Sections 4.2 and 4.4.
 
 The networks' heads compute in float32 (``cdlib.core.models``), and every loss here is
 computed from ``logits.float()``, so losses are float32 under bf16 autocast too.
@@ -158,7 +160,7 @@ class LabelSmoothing(Objective):
     """Cross-entropy to ``(1 - eps) * onehot + eps / K`` (PyTorch's ``label_smoothing``).
 
     The other common variant puts ``eps / (K - 1)`` on the wrong classes; for
-    K = 100 the difference is negligible (METHODS.md), we use PyTorch's.
+    K = 100 the difference is negligible; we use PyTorch's.
     """
 
     name = "ls"
@@ -177,7 +179,7 @@ class KnowledgeDistillation(Objective):
 
     ``teacher`` names a run in the run store; the engine runs that network (frozen, in
     eval mode, without gradient) on the same augmented batch as the student and
-    passes its logits as ``batch.teacher_logits``. Defaults are the paper's preset (PAPER.md section 3): T = 2,
+    passes its logits as ``batch.teacher_logits``. Defaults are the paper's preset (its Section 3): T = 2,
     w_kd = 0.85, w_ce = 0.15 (KD benchmarks use 0.9 / 0.1 / T = 4). Tf-KD_self is
     this objective with a teacher of the student's own architecture.
     """
@@ -206,10 +208,11 @@ class TfKDReg(Objective):
     student's logits are not temperature-scaled and there is no T^2.
 
     Reduction: batch-mean KL (summed over classes, averaged over the batch). The
-    official code uses PyTorch's default 'mean' KL reduction, which divides by
-    N * K, and compensates with a per-model multiplier; with the ResNet-18
-    constants that is in effect the batch-mean KL (METHODS.md), which is what we
-    implement, so the loss does not depend on a multiplier tied to K.
+    official code (yuanli2333/Teacher-free-Knowledge-Distillation) uses PyTorch's
+    default 'mean' KL reduction, which divides by N * K, and compensates with a
+    per-model multiplier; with the ResNet-18 constants that is in effect the
+    batch-mean KL, which is what we implement, so the loss does not depend on a
+    multiplier tied to K.
     """
 
     name = "tfkd_reg"
@@ -311,7 +314,8 @@ class PSKD(Objective):
 
 # ---------------------------------------------------------------- Confusion Distillation
 
-# Hard/soft segment lengths in epochs, starting hard (PAPER.md section 6, the best rows of Table 1).
+# Hard/soft segment lengths in epochs, starting hard (the paper's Section 4.2: the best 200- and 300-epoch
+# rows of its Table 1).
 CD_SCHEDULES: dict[str, list[int]] = {
     "cd200": [30, 30, 30, 30, 80],
     "cd300": [30, 30, 60, 30, 150],
@@ -351,7 +355,7 @@ def cd_ema_updates(schedule: str | list[int], epoch: int) -> bool:
 
 
 class ConfusionDistillation(Objective):
-    """Confusion Distillation (PAPER.md section 6): self-distillation to EMA confusion rows.
+    """Confusion Distillation (the paper's Sections 4.2 and 4.4): self-distillation to EMA confusion rows.
 
     State Q~ (C x C) starts as the label-smoothing matrix S (``smoothing_matrix``,
     eps = 0.1). After every epoch for which ``cd_ema_updates`` holds,

@@ -218,28 +218,6 @@ def load_teachers(configs: Iterable[TrainConfig], device=None, root: Path | None
     return teachers
 
 
-def runs_frame(runs: Iterable[Run]) -> pd.DataFrame:
-    """One row per run: its config fields and its summary, ready for ``tables.summarise``."""
-    rows = []
-    for run in runs:
-        row = run.config.to_dict()
-        row["objective_args"] = json.dumps(row["objective_args"], sort_keys=True)
-        row.update(run.summary)
-        row["dir"] = str(run.dir)
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def metrics_frame(runs: Iterable[Run]) -> pd.DataFrame:
-    """Long table of per-epoch metrics of many runs (columns of ``metrics.jsonl`` plus run fields)."""
-    frames = []
-    for run in runs:
-        m = run.metrics.copy()
-        m["run_id"], m["name"], m["arch"], m["seed"] = run.config.run_id(), run.config.name, run.config.arch, run.config.seed
-        frames.append(m)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
 # --------------------------------------------------------------------------- writing a run
 
 def checkpoint_path(folder: Path) -> Path:

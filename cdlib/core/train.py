@@ -149,7 +149,7 @@ def fit(config: TrainConfig, run_dir: str | Path, *, data: DeviceData | None = N
         return runs.read_summary(run_dir)
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
-    device = resolve_device(device)
+    device = data.device if data is not None and device is None else resolve_device(device)
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = not deterministic

@@ -3,21 +3,101 @@ file writes and store reads, on-device counting, progress bars and true-fp32 ari
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import re
+import shutil
+import subprocess
+import warnings
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 import torch
 
-from cdlib.errors import NO_SPACE, StoreError
+from cdlib.errors import NO_SPACE, StoreError, UserError
 
 
 def resolve_device(device=None) -> torch.device:
-    """``None``/``"auto"`` -> CUDA when available, else the CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """``None``/``"auto"`` -> CUDA when available, else the CPU.
+
+    On a machine with an NVIDIA GPU that this PyTorch cannot use, ``"auto"`` still falls back to
+    the CPU (the user may have chosen a CPU profile) but warns loudly, and asking for a CUDA
+    device raises a :class:`GPUUnusableError` that says why and what to do.
+    """
+    if device not in (None, "auto"):
+        device = torch.device(device)
+        problem = unusable_gpu() if device.type == "cuda" else None
+        if problem:
+            raise GPUUnusableError(f"cannot use device {str(device)!r}: {problem}")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    problem = unusable_gpu()
+    if problem:
+        warnings.warn(f"running on the CPU: {problem}", GPUUnusableWarning, stacklevel=2)
+    return torch.device("cpu")
+
+
+class GPUUnusableError(UserError, RuntimeError):
+    """An NVIDIA GPU is installed but this PyTorch cannot use it."""
+
+
+class GPUUnusableWarning(UserWarning):
+    """Work falls back to the CPU although an NVIDIA GPU is installed."""
+
+
+# The oldest NVIDIA driver branch each CUDA major version runs on (NVIDIA's CUDA minor version
+# compatibility table).
+MIN_DRIVER_BRANCH = {11: 450, 12: 525, 13: 580}
+NVIDIA_KERNEL_MODULE = Path("/proc/driver/nvidia/version")  # present while the driver is loaded
+
+
+@functools.cache
+def nvidia_driver() -> str | None:
+    """The installed NVIDIA driver's version, found without PyTorch (which may be unable to see the
+    GPU): from the loaded kernel module, else from ``nvidia-smi``. None when there is no driver."""
+    try:
+        module = NVIDIA_KERNEL_MODULE.read_text()
+    except OSError:
+        module = ""
+    found = re.search(r"Kernel Module\b.*?\s(\d+(?:\.\d+)+)\s", module)
+    if found:
+        return found.group(1)
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.match(r"\s*(\d+(?:\.\d+)+)", smi)  # an error message instead (no driver loaded): None
+    return found.group(1) if found else None
+
+
+def unusable_gpu() -> str | None:
+    """Why PyTorch cannot use the NVIDIA GPU installed here, and the fixes; None when it can, when
+    there is none, or when ``CUDA_VISIBLE_DEVICES`` hides every GPU on purpose."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if torch.cuda.is_available() or (visible is not None and visible.strip() in ("", "-1")):
+        return None
+    driver = nvidia_driver()
+    if driver is None:
+        return None
+    built_for = torch.version.cuda
+    if built_for is None:
+        why, fix = f"this PyTorch ({torch.__version__}) is a CPU-only build", "install a CUDA build of PyTorch"
+    else:
+        need = MIN_DRIVER_BRANCH.get(int(built_for.split(".")[0]))
+        if need is not None and int(driver.split(".")[0]) < need:
+            why = (f"this PyTorch ({torch.__version__}) is built for CUDA {built_for}, which needs driver {need} "
+                   "or newer")
+        else:
+            why = f"torch.cuda.is_available() is False with this PyTorch ({torch.__version__}, CUDA {built_for})"
+        fix = ("update the NVIDIA driver, or install the PyTorch build for the CUDA version your driver supports "
+               "(`nvidia-smi` shows it; https://pytorch.org/get-started/locally/)")
+    return (f"an NVIDIA GPU is installed (driver {driver}) but PyTorch cannot use it: {why}. To train on the GPU, "
+            f"{fix}. To run on the CPU on purpose, choose a CPU profile (--profile smoke or cpu) or device 'cpu'.")
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:

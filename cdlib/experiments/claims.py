@@ -1,4 +1,4 @@
-"""The paper's five claims (PAPER.md section 1) and how a measured verdict is recorded.
+"""The paper's five claims (as its abstract and introduction make them) and how a measured verdict is recorded.
 
 Each analysis module turns its measurements into :class:`Claim` objects; notebooks show
 them as a table and ``cdlib.experiments.report`` collects them into ``outputs/REPORT.md``. A verdict
@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
+from cdlib.experiments import paper
+
 SUPPORTED, NOT_SUPPORTED, NOT_MEASURED = "supported", "not supported", "not measured"
 
 STATEMENTS = {
@@ -17,8 +19,9 @@ STATEMENTS = {
     2: "KD prunes these: the student uses far fewer features, each reused on more images, resembling the teacher.",
     3: "On CIFAR-100, high-confidence images activate more features; KD narrows the spread.",
     4: "A baseline's confusion matrix resembles the teacher's class-wise mean softmax "
-       "(off-diagonal Pearson 0.85, cosine 0.76, soft Jaccard 0.38).",
-    5: "Confusion Distillation beats CS-KD and PS-KD (+1.2 points on ResNet-34) and has KD-like feature effects.",
+       f"({paper.confusion_similarity_text()}).",
+    5: f"Confusion Distillation beats CS-KD and PS-KD (+{paper.resnet34_margin():.1f} points on ResNet-34) and has "
+       "KD-like feature effects.",
 }
 
 

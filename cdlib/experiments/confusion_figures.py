@@ -13,6 +13,7 @@ import pandas as pd
 from matplotlib.colors import PowerNorm
 
 from cdlib.core import confusion
+from cdlib.experiments import paper
 from cdlib.experiments.figures import GROUP_COLORS, save_figure
 
 
@@ -93,8 +94,8 @@ def plot_similarity_over_epochs(
     for ax, measure in zip(axes[0], measures):
         for i, (run, table) in enumerate(runs.items()):
             ax.plot(table.index, table[measure], color=_color(run, i), lw=1.2, label=run)
-        if measure in confusion.PAPER_VALUES:
-            ax.axhline(confusion.PAPER_VALUES[measure], color="k", ls="--", lw=0.8, label="paper")
+        if measure in paper.CONFUSION_SIMILARITY:
+            ax.axhline(paper.CONFUSION_SIMILARITY[measure], color="k", ls="--", lw=0.8, label="paper")
         ax.set_title(measure.replace("_", " "))
         ax.set_xlabel("epoch")
     axes[0, 0].set_ylabel("similarity to teacher M")
@@ -155,8 +156,8 @@ def plot_shuffled_control(
         ax.axvline(observed[measure], color=GROUP_COLORS["baseline"], lw=1.5, label="baseline Q")
         if ceiling is not None and measure in ceiling:
             ax.axvline(ceiling[measure], color=GROUP_COLORS["teacher"], lw=1.2, ls=":", label="teacher' M")
-        if measure in confusion.PAPER_VALUES:
-            ax.axvline(confusion.PAPER_VALUES[measure], color="k", lw=0.8, ls="--", label="paper")
+        if measure in paper.CONFUSION_SIMILARITY:
+            ax.axvline(paper.CONFUSION_SIMILARITY[measure], color="k", lw=0.8, ls="--", label="paper")
         ax.set_title(_LABELS.get(measure, measure))
         ax.set_xlabel("similarity to teacher M")
         ax.set_yticks([])
@@ -198,8 +199,8 @@ def plot_similarity_curves(
             ax.plot(stats.index, stats["mean"], color=color, lw=1.3, label=f"{_GROUP_NAMES.get(group, group)} (n={n})")
             if n > 1:
                 ax.fill_between(stats.index, stats["min"], stats["max"], color=color, alpha=0.2, lw=0)
-        if measure in confusion.PAPER_VALUES:
-            ax.axhline(confusion.PAPER_VALUES[measure], color="k", ls="--", lw=0.8, label="paper")
+        if measure in paper.CONFUSION_SIMILARITY:
+            ax.axhline(paper.CONFUSION_SIMILARITY[measure], color="k", ls="--", lw=0.8, label="paper")
         ax.set_title(_LABELS.get(measure, measure))
         ax.set_xlabel("epoch")
     axes[0, 0].set_ylabel("similarity to teacher M")

@@ -1,9 +1,9 @@
 """Claim 4 from the run store: a baseline's confusion matrix as the teacher's dark knowledge.
 
-The paper (Section 4.1, PAPER.md section 5) compares two class-by-class matrices on
-the test set: the teacher's class-wise mean softmax ``M`` (T = 1) and a baseline's
-row-normalised hard confusion matrix ``Q``, off the diagonal only (Pearson 0.85,
-per-class cosine 0.76, soft Jaccard 0.38). :func:`analyse` does that for a profile,
+The paper (Section 4.1) compares two class-by-class matrices on the test set: the
+teacher's class-wise mean softmax ``M`` (T = 1) and a baseline's row-normalised hard
+confusion matrix ``Q``, off the diagonal only (Pearson, per-class cosine and soft
+Jaccard; ``paper.CONFUSION_SIMILARITY``). :func:`analyse` does that for a profile,
 with the controls and the spread the paper does not give:
 
 - every baseline ``i`` is paired with teacher ``i`` (the pairing of the KD students),
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cdlib.experiments import claims, plans
+from cdlib.experiments import claims, paper, plans
 from cdlib.core import confusion, runs
 from cdlib import paths
 from cdlib.core.config import TrainConfig
@@ -168,7 +168,7 @@ class DarkKnowledgeResult:
         base = self.comparison(BASELINE)
         rows = []
         for measure in confusion.MEASURES:
-            row = {"measure": measure, "paper": confusion.PAPER_VALUES.get(measure, np.nan)}
+            row = {"measure": measure, "paper": paper.CONFUSION_SIMILARITY.get(measure, np.nan)}
             for name in COMPARISONS:
                 mean, std, n = spread(self.comparison(name)[measure])
                 row.update({f"{name} mean": mean, f"{name} std": std, f"{name} n": n})
@@ -319,8 +319,9 @@ def claim_rule(num_shuffles: int) -> str:
     return (f"Supported when each of Pearson, cosine and soft Jaccard (teacher M vs baseline Q, off-diagonal) "
             f"exceeds the mean of its shuffled-Q control ({num_shuffles} copies of Q with off-diagonal entries "
             f"permuted within each row) by more than {Z_THRESHOLD:g} control standard deviations in every "
-            f"baseline/teacher pair (smallest z > {Z_THRESHOLD:g}). The distance to the paper's 0.85/0.76/0.38 "
-            f"is reported, not tested: it depends on the data set, the networks and their accuracy.")
+            f"baseline/teacher pair (smallest z > {Z_THRESHOLD:g}). The distance to the paper's values "
+            f"({paper.confusion_similarity_text()}) is reported, not tested: it depends on the data set, the "
+            f"networks and their accuracy.")
 
 
 def _links(names: Sequence[str], folder: str, ext: str) -> list[str]:
@@ -348,7 +349,7 @@ def confusion_claim(result: DarkKnowledgeResult) -> claims.Claim:
               f"paired with {n} {result.teacher_arch} teacher(s)")
     links = _links(FIGURES.values(), "figures", "png") + _links(TABLES.values(), "tables", "md")
     return claims.Claim(
-        4, paper="off-diagonal Pearson 0.85, cosine 0.76, soft Jaccard 0.38 (CIFAR-100 test set, ResNet-152 "
+        4, paper=f"{paper.confusion_similarity_text()} (CIFAR-100 test set, ResNet-152 "
                  "teacher M vs ResNet-18 baseline Q; no spread or control reported)",
         ours=ours, verdict=claims.SUPPORTED if supported else claims.NOT_SUPPORTED,
         rule=claim_rule(result.num_shuffles), source=source, links=links)

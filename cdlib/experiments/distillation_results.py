@@ -4,11 +4,11 @@ Everything here reads finished runs from the run store (``cdlib.core.runs``) and
 them into tables, tests and claims; nothing trains. The configs come from
 ``cdlib.experiments.plans``, so a table always shows exactly the runs a notebook trained:
 
-- :func:`kd_table`: teacher / KD student / baseline accuracy (PAPER.md section 3);
+- :func:`kd_table`: teacher / KD student / baseline accuracy (the paper's Section 3);
 - :func:`table1_frame`: the paper's Table 1 schedule and weight sweep, ours beside the paper's;
 - :func:`table2_long` / :func:`table2_frame`: Table 2, every method on every network;
 - :func:`significance_table`: Welch's t-test of CD-300 and CD-200 against every other method;
-- :func:`leak_table`: the released code's test-set source (PAPER.md section 6) against each
+- :func:`leak_table`: the released code's test-set source (README, "Deviations") against each
   leak-free CD-300 source (training batches, eval-mode training images, held-out validation),
   and :func:`test_source_messages`;
 - Figure 3's baseline-vs-CD Interaction Tensor comes from :func:`cdlib.experiments.feature_analysis.analyse_profile`;
@@ -16,7 +16,7 @@ them into tables, tests and claims; nothing trains. The configs come from
 - :func:`replay_cd_ema`: the EMA confusion matrix Q~ of a CD run after every epoch,
   rebuilt exactly from the run's stored per-epoch confusion counts.
 
-Accuracy is reported as in PAPER.md section 2 [D]: final-epoch top-1 is the headline,
+Accuracy is reported as README's "Deviations" says: final-epoch top-1 is the headline,
 best-epoch top-1 (what the paper reports) a separate, labelled column; spread is the
 sample std (ddof = 1) and ``95% CI`` the half-width of the t-interval over seeds.
 """
@@ -99,7 +99,7 @@ def _mean_std(row: Mapping, metric: str) -> str:
 # ----------------------------------------------------------------------------- (a) KD
 
 def kd_groups(profile: Profile) -> dict[str, list[TrainConfig]]:
-    """The three groups of PAPER.md section 3: teachers, KD students, cross-entropy baselines."""
+    """The three groups of the paper's Section 3: teachers, KD students, cross-entropy baselines."""
     return {"teacher": plans.teachers(profile), "KD student": plans.kd_students(profile),
             "baseline": plans.feature_baselines(profile)}
 
@@ -128,11 +128,11 @@ def kd_table(profile: Profile, root=None, numeric: bool = False) -> pd.DataFrame
 
 
 def kd_metrics(profile: Profile, root=None) -> pd.DataFrame:
-    """Per-epoch metrics of the three KD groups (``runs.metrics_frame``) with a ``group`` column
+    """Per-epoch metrics of the three KD groups (``tables.metrics_frame``) with a ``group`` column
     such as "teacher (ResNet-34)", for ``figures.plot_learning_curves(..., by="group")``."""
     frames = []
     for group, configs in kd_groups(profile).items():
-        frame = run_store.metrics_frame(load_runs(configs, root))
+        frame = tables.metrics_frame(load_runs(configs, root))
         frame["group"] = f"{group} ({arch_label(configs[0].arch)})"
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
@@ -443,11 +443,6 @@ def cd_ema_frame(run: run_store.Run, ema: np.ndarray | None = None) -> pd.DataFr
 
 # ----------------------------------------------------------------------------- (f) claim 5
 
-def paper_resnet34_margin() -> float:
-    """The paper's '+1.2 on ResNet-34': CD-300 minus the better of CS-KD and PS-KD (Table 2)."""
-    return paper.table2("cd300", "resnet34") - max(paper.table2("cskd", "resnet34"), paper.table2("pskd", "resnet34"))
-
-
 def paper_claim5_text() -> str:
     """What the paper's own Table 2 says about claim 5's accuracy half, network by network."""
     parts = []
@@ -456,7 +451,7 @@ def paper_claim5_text() -> str:
         relation = "above both" if cd > max(cskd, pskd) else "not above both"
         parts.append(f"{arch_label(arch)} {cd:.2f} vs CS-KD {cskd:.2f} / PS-KD {pskd:.2f} ({relation})")
     return ("CD-300, best epoch, test-set source, mean of 3: " + "; ".join(parts)
-            + f"; ResNet-34 margin over the better of the two +{paper_resnet34_margin():.1f}. "
+            + f"; ResNet-34 margin over the better of the two +{paper.resnet34_margin():.1f}. "
             "Fewer, more frequently used features than the baseline (Section 4.3, its numbers inconsistent)")
 
 
@@ -526,5 +521,5 @@ __all__ = [
     "METHOD_LABELS", "CD_REFERENCES", "LEAKY_METHODS", "load_runs", "kd_groups", "kd_table", "kd_metrics", "kd_gain",
     "schedule_label", "table1_frame", "table2_runs", "table2_long", "table2_frame", "cd_run", "format_p", "welch",
     "significance_table", "leak_table", "summary_values", "LEAK_FREE_SOURCES", "SOURCE_SPLITS", "test_source_messages",
-    "replay_cd_ema", "offdiagonal_mass", "source_confusions", "cd_ema_frame", "paper_resnet34_margin", "paper_claim5_text", "cd_claim", "claim5", "arch_label",
+    "replay_cd_ema", "offdiagonal_mass", "source_confusions", "cd_ema_frame", "paper_claim5_text", "cd_claim", "claim5", "arch_label",
 ]

@@ -20,16 +20,16 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats
+from scipy import special, stats
 
 from cdlib.experiments import plans
+from cdlib.experiments.paper import KD_TENSOR, interaction_statistics
 from cdlib.core import runs
 from cdlib.experiments.claims import NOT_SUPPORTED, SUPPORTED, Claim, not_measured
 from cdlib.core.data import DeviceData, load_dataset
-from cdlib.core.confusion import softmax
 from cdlib.core.util import resolve_device
-from cdlib.core.interaction import (PAPER_KD_SUMMARY, GroupStatistics, InteractionTensor, build_interaction_tensor,
-                          group_statistics, iter_activations, summary_table)
+from cdlib.core.interaction import (GroupStatistics, InteractionTensor, build_interaction_tensor, group_statistics,
+                                    iter_activations, summary_table)
 from cdlib.experiments.profiles import Profile
 
 KD_GROUPS = ("baseline", "student", "teacher")
@@ -76,7 +76,7 @@ def true_class_probabilities(logits: Iterable[np.ndarray], labels) -> np.ndarray
         z = np.asarray(z, dtype=np.float64)
         if z.ndim != 2 or len(z) != len(labels):
             raise ValueError(f"model {m}: logits of shape {z.shape} do not match {len(labels)} labels")
-        rows.append(softmax(z)[np.arange(len(labels)), labels])
+        rows.append(special.softmax(z, axis=1)[np.arange(len(labels)), labels])
     return np.stack(rows)
 
 
@@ -109,7 +109,7 @@ class FeatureAnalysis:
 
     def summary_table(self) -> pd.DataFrame:
         """The paper's Section 3 statistics, paper column beside ours (:func:`cdlib.core.interaction.summary_table`)."""
-        return summary_table(self.statistics())
+        return summary_table(self.statistics(), interaction_statistics(self.groups))
 
     def tensor_table(self) -> pd.DataFrame:
         """How the tensor was built: sizes, parameters and the wall time of each stage."""
@@ -197,8 +197,9 @@ def analyse_profile(profile: Profile, groups: Sequence[str] = KD_GROUPS, *, devi
                     layer: str = "pooled", batch_size: int = 500, **tensor_options) -> FeatureAnalysis:
     """The paper's Section 3 analysis for ``profile``: baselines, KD students and teachers in one tensor.
 
-    Defaults (PAPER.md section 4 [D]): pooled penultimate layer, K = 50 centred PCA,
-    gamma at the 99th percentile, presence above the 90th, float "best so far".
+    Defaults (the paper's Sections 3.2-3.4, and README "Deviations" where its released code
+    differs): pooled penultimate layer, K = 50 centred PCA, gamma at the 99th percentile,
+    presence above the 90th, float "best so far".
     ``groups`` may name any of ``GROUP_PLANS`` (e.g. ``("baseline", "cd")`` for Figure 3).
     """
     device = resolve_device(device)
@@ -267,8 +268,8 @@ def confidence_correlation(group: GroupStatistics) -> Correlation:
 
 
 def _paper_jaccard(a: str, b: str) -> float:
-    shared = PAPER_KD_SUMMARY[("features shared by the pair", frozenset({a, b}))]
-    return shared / (PAPER_KD_SUMMARY[("features |F|", a)] + PAPER_KD_SUMMARY[("features |F|", b)] - shared)
+    shared = KD_TENSOR[("features shared by the pair", frozenset({a, b}))]
+    return shared / (KD_TENSOR[("features |F|", a)] + KD_TENSOR[("features |F|", b)] - shared)
 
 
 def measures_table(result: FeatureAnalysis, low_frequency: float = LOW_FREQUENCY) -> pd.DataFrame:
@@ -329,7 +330,7 @@ def interaction_claims(result: FeatureAnalysis, low_frequency: float = LOW_FREQU
     b, s, t = (result.groups[g] for g in KD_GROUPS)
     kd = {g: result.groups[g] for g in KD_GROUPS}
     n, source = result.n_images, result.source()
-    paper = PAPER_KD_SUMMARY
+    paper = KD_TENSOR
     n_features = {g: x.n_features for g, x in kd.items()}
     mean_frequency = {g: x.mean_frequency for g, x in kd.items()}
     paper_features = " / ".join(str(paper[("features |F|", g)]) for g in KD_GROUPS)

@@ -49,7 +49,7 @@ def save_figure(fig, name: str, folder: Path | None = None) -> list[Path]:
 def plot_learning_curves(metrics, by: str = "arch", name: str | None = None):
     """Test top-1 and training loss per epoch; mean over seeds with a min-max band per ``by`` group.
 
-    ``metrics`` is the long frame of ``runs.metrics_frame``.
+    ``metrics`` is the long frame of ``tables.metrics_frame``.
     """
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(7, 2.6))
     for key, group in metrics.groupby(by, sort=False):

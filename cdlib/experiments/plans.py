@@ -7,6 +7,8 @@ A student ``i`` distils from teacher ``i``.
 from __future__ import annotations
 
 from cdlib.core.config import TrainConfig
+from cdlib.core.objectives import CD_SCHEDULES
+from cdlib.experiments import paper
 from cdlib.experiments.profiles import Profile
 
 
@@ -48,30 +50,15 @@ TABLE2_METHODS = {
     "tfkd_reg": ("tfkd_reg", {}, 200),
     "cskd": ("cskd", {}, 200),
     "pskd": ("pskd", {}, 300),
-    "cd200": ("cd", {"schedule": [30, 30, 30, 30, 80], "w_soft": 0.7, "w_ce": 0.3}, 200),
-    "cd300": ("cd", {"schedule": [30, 30, 60, 30, 150], "w_soft": 0.7, "w_ce": 0.3}, 300),
-    "cd300-test": ("cd", {"schedule": [30, 30, 60, 30, 150], "source": "test", "allow_test_leak": True}, 300),
-    "cd300-holdout": ("cd", {"schedule": [30, 30, 60, 30, 150], "source": "holdout"}, 300),
-    "cd300-train_eval": ("cd", {"schedule": [30, 30, 60, 30, 150], "source": "train_eval"}, 300),
-    "cd300-diagonal": ("cd", {"schedule": [30, 30, 60, 30, 150], "targets": "diagonal"}, 300),
-    "cd300-shuffled": ("cd", {"schedule": [30, 30, 60, 30, 150], "targets": "shuffled"}, 300),
-    "cd300-static": ("cd", {"schedule": [30, 30, 60, 30, 150], "targets": "static"}, 300),
+    "cd200": ("cd", {"schedule": CD_SCHEDULES["cd200"], "w_soft": 0.7, "w_ce": 0.3}, 200),
+    "cd300": ("cd", {"schedule": CD_SCHEDULES["cd300"], "w_soft": 0.7, "w_ce": 0.3}, 300),
+    "cd300-test": ("cd", {"schedule": CD_SCHEDULES["cd300"], "source": "test", "allow_test_leak": True}, 300),
+    "cd300-holdout": ("cd", {"schedule": CD_SCHEDULES["cd300"], "source": "holdout"}, 300),
+    "cd300-train_eval": ("cd", {"schedule": CD_SCHEDULES["cd300"], "source": "train_eval"}, 300),
+    "cd300-diagonal": ("cd", {"schedule": CD_SCHEDULES["cd300"], "targets": "diagonal"}, 300),
+    "cd300-shuffled": ("cd", {"schedule": CD_SCHEDULES["cd300"], "targets": "shuffled"}, 300),
+    "cd300-static": ("cd", {"schedule": CD_SCHEDULES["cd300"], "targets": "static"}, 300),
 }
-
-# Table 1: (label, loss weights soft:CE, schedule in epochs alternating hard/soft from hard; None = CE).
-TABLE1_ROWS = [
-    ("CE 200 ep", None, None, 75.61),
-    ("0.85:0.15 3H17S", (0.85, 0.15), [30, 170], 66.34),
-    ("0.85:0.15 6H14S", (0.85, 0.15), [60, 140], 73.47),
-    ("0.5:0.5 3H3S3H3S2H2S2H2S", (0.5, 0.5), [30, 30, 30, 30, 20, 20, 20, 20], 76.11),
-    ("0.85:0.15 3H3S3H3S2H2S2H2S", (0.85, 0.15), [30, 30, 30, 30, 20, 20, 20, 20], 75.64),
-    ("0.7:0.3 3H3S3H3S2H2S2H2S", (0.7, 0.3), [30, 30, 30, 30, 20, 20, 20, 20], 76.44),
-    ("0.7:0.3 3H3S3H3S8H", (0.7, 0.3), [30, 30, 30, 30, 80], 76.96),
-    ("0.7:0.3 14H2S2H2S", (0.7, 0.3), [140, 20, 20, 20], 75.78),
-    ("0.7:0.3 2H2S4H2S10H", (0.7, 0.3), [20, 20, 40, 20, 100], 76.75),
-    ("0.7:0.3 300 ep 3H3S6H3S15H", (0.7, 0.3), [30, 30, 60, 30, 150], 77.14),
-    ("0.7:0.3 300 ep 4.5H4.5S4.5H4.5S12H", (0.7, 0.3), [45, 45, 45, 45, 120], 76.93),
-]
 
 
 def method_config(profile: Profile, method: str, arch: str, seed: int) -> TrainConfig:
@@ -101,9 +88,9 @@ def table2(profile: Profile) -> dict[str, list[TrainConfig]]:
 
 def table1(profile: Profile, seed: int = 0) -> list[tuple[str, TrainConfig, float]]:
     """Table 1's schedule and weight sweep on the student network (one seed, as in the paper):
-    (label, config, the paper's top-1)."""
+    (label, config, the paper's top-1), one row per row of ``paper.TABLE1``."""
     rows = []
-    for label, weights, schedule, paper_top1 in TABLE1_ROWS:
+    for label, weights, schedule, paper_top1 in paper.TABLE1:
         if weights is None:
             config = baseline(profile, profile.student_arch, seed)
         else:

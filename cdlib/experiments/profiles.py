@@ -23,9 +23,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import torch
-
 from cdlib.core.config import TrainConfig
+from cdlib.core.util import GPUUnusableError, resolve_device, unusable_gpu
 from cdlib.errors import ConfigError
 
 PAPER_EPOCHS = 200  # the paper's baseline schedule; other profiles scale every schedule by epochs / 200
@@ -211,13 +210,20 @@ def _builtin_path(name: str) -> Path:
 
 
 def get_profile(name: str = "auto", dataset: str | None = None, announce: bool = True,
-                overrides: Mapping | Sequence[str] | None = None) -> Profile:
+                overrides: Mapping | Sequence[str] | None = None, device=None) -> Profile:
     """A built-in profile by name or a profile file by path, with ``overrides`` (a dict or ``KEY=VALUE``
-    strings) and ``dataset`` (an override of the data set) applied. ``auto`` is ``paper`` when CUDA is
-    available, otherwise ``smoke``."""
+    strings) and ``dataset`` (an override of the data set) applied. ``auto`` is ``paper`` when the
+    device (``device``, by default CUDA when available) is a GPU, otherwise ``smoke``. On a machine
+    with an NVIDIA GPU that this PyTorch cannot use (a driver too old for its CUDA build, a CPU-only
+    build), ``auto`` without a device raises a ``GPUUnusableError`` that says so and how to fix it,
+    rather than quietly running ``smoke`` on the CPU."""
     if name == "auto":
-        name = "paper" if torch.cuda.is_available() else "smoke"
-        reason = "CUDA is available" if name == "paper" else "no CUDA device found"
+        chosen = device not in (None, "auto")
+        problem = None if chosen else unusable_gpu()
+        if problem:
+            raise GPUUnusableError(f"profile 'auto' stops rather than fall back to 'smoke': {problem}")
+        name = "paper" if resolve_device(device).type == "cuda" else "smoke"
+        reason = f"device {device}" if chosen else "CUDA is available" if name == "paper" else "no CUDA device found"
         if announce:
             print(f"profile: {name} ({reason}; pass profile='smoke'|'cpu'|'quick'|'paper' or a .toml file to choose)")
     changes = overrides_dict(overrides)
@@ -241,7 +247,8 @@ def add_profile_arguments(parser) -> None:
 
 
 def profile_from_args(args, announce: bool = True) -> Profile:
-    return get_profile(args.profile, args.dataset, announce=announce, overrides=args.overrides)
+    return get_profile(args.profile, args.dataset, announce=announce, overrides=args.overrides,
+                       device=getattr(args, "device", None))
 
 
 __all__ = ["Profile", "PAPER_EPOCHS", "get_profile", "load_profile", "builtin_names", "parse_override",

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cdlib import __version__, paths
-from cdlib.experiments import claims, plans
+from cdlib.experiments import claims, paper, plans
 from cdlib.core import runs
 from cdlib.experiments.claims import Claim, not_measured
 from cdlib.experiments.profiles import Profile, add_profile_arguments, get_profile, profile_from_args
@@ -38,17 +38,24 @@ CLAIM_NUMBERS = (1, 2, 3, 4, 5)
 # are linked when the claim function gives no links of its own.
 NOTEBOOK_OF_CLAIM = {1: "03", 2: "03", 3: "03", 4: "04", 5: "05"}
 
-# The paper's numbers (PAPER.md sections 1 and 4), shown when a claim could not be measured.
+# What the paper reports for each claim (Sections 3.3-4.4, from cdlib.experiments.paper), shown
+# when a claim could not be measured.
+_F = {g: paper.KD_TENSOR["features |F|", g] for g in paper.KD_TENSOR_GROUPS}
+_E = {g: paper.KD_TENSOR["mean frequency E[F]", g] for g in paper.KD_TENSOR_GROUPS}
+_SHARED = {g: paper.KD_TENSOR["features shared by the pair", frozenset({"student", g})]
+           for g in ("baseline", "teacher")}
 PAPER_NUMBERS = {
-    1: "|F| baseline 531 vs student 281 and teacher 264; mean feature frequency E[F] 1329 vs 2121 / 2243 "
-       "(CIFAR-100 test set, 20 + 20 + 20 models)",
-    2: "|F| student 281 vs baseline 531; E[F] 2121 vs 1329; features shared student-teacher 170, "
-       "student-baseline 132",
+    1: f"|F| baseline {_F['baseline']} vs student {_F['student']} and teacher {_F['teacher']}; mean feature "
+       f"frequency E[F] {_E['baseline']} vs {_E['student']} / {_E['teacher']} (CIFAR-100 test set, "
+       "20 + 20 + 20 models)",
+    2: f"|F| student {_F['student']} vs baseline {_F['baseline']}; E[F] {_E['student']} vs {_E['baseline']}; "
+       f"features shared student-teacher {_SHARED['teacher']}, student-baseline {_SHARED['baseline']}",
     3: "positive relation between confidence and number of active features for baselines (Fig. 2a, no "
        "coefficient reported); the student's density is narrower (Fig. 2b)",
-    4: "off-diagonal Pearson 0.85, per-class cosine 0.76, soft Jaccard 0.38 (teacher M vs baseline Q)",
-    5: "CD-300 ResNet-34 78.53 vs PS-KD 77.33 and CS-KD 76.73 (+1.2); CD above CS-KD and PS-KD on all four "
-       "networks; fewer, more frequent features than the baseline",
+    4: f"{paper.confusion_similarity_text()} (teacher M vs baseline Q)",
+    5: f"CD-300 ResNet-34 {paper.table2('cd300', 'resnet34')} vs PS-KD {paper.table2('pskd', 'resnet34')} and "
+       f"CS-KD {paper.table2('cskd', 'resnet34')} (+{paper.resnet34_margin():.1f}); fewer, more frequent features "
+       "than the baseline (Section 4.3)",
 }
 
 MAX_REASON = 400

@@ -1,13 +1,16 @@
 """Result tables: mean, spread and confidence over seeds, written as CSV, Markdown and LaTeX."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
 from cdlib import paths
+from cdlib.core.runs import Run
 
 ACCURACY_COLUMNS = ("final_top1", "best_top1", "final_top5", "best_top5")
 
@@ -44,34 +47,36 @@ def summarise(frame: pd.DataFrame, by: list[str], columns=ACCURACY_COLUMNS) -> p
 
 
 def to_markdown(frame: pd.DataFrame) -> str:
-    cells = ([[_markdown_cell(c) for c in frame.columns]]
-             + [[_markdown_cell(v) for v in row] for row in frame.itertuples(index=False)])
-    lines = ["| " + " | ".join(r) + " |" for r in cells]
-    lines.insert(1, "|" + "|".join("---" for _ in frame.columns) + "|")
-    return "\n".join(lines) + "\n"
+    """A GitHub Markdown table of ``frame`` (pandas' ``to_markdown``), cells as :func:`_text_cells` writes them."""
+    escape = lambda text: text.replace("|", "\\|")  # noqa: E731 - a bare pipe would split a Markdown cell
+    cells = _text_cells(frame).map(escape).rename(columns=escape)
+    # The cells are text already: tabulate must not re-read "76.40" as a number and print 76.4.
+    return cells.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
 def to_latex(frame: pd.DataFrame, caption: str | None = None) -> str:
-    escape = lambda s: (str(s).replace("\\", r"\textbackslash{}").replace("&", r"\&").replace("%", r"\%")  # noqa: E731
-                        .replace("_", r"\_").replace("#", r"\#").replace("±", r"$\pm$"))
-    lines = [r"\begin{table}[t]", r"\centering"]
-    if caption:
-        lines.append(rf"\caption{{{escape(caption)}}}")
-    lines += [r"\begin{tabular}{" + "l" * len(frame.columns) + "}", r"\hline",
-              " & ".join(escape(c) for c in frame.columns) + r" \\", r"\hline"]
-    lines += [" & ".join(escape(_cell(v)) for v in row) + r" \\" for row in frame.itertuples(index=False)]
-    lines += [r"\hline", r"\end{tabular}", r"\end{table}"]
-    return "\n".join(lines) + "\n"
+    """A booktabs LaTeX table of ``frame`` (pandas' ``Styler.to_latex``), cells as :func:`_text_cells` writes them."""
+    styler = _text_cells(frame).style.hide(axis="index")
+    styler = styler.format(escape="latex").format_index(escape="latex", axis="columns")
+    return styler.to_latex(caption=caption and caption.translate(_LATEX_SPECIALS), position="t",
+                           position_float="centering", hrules=True, column_format="l" * len(frame.columns),
+                           environment="table")
 
 
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return "" if np.isnan(value) else f"{value:.2f}"
-    return str(value)
+# Styler escapes the cells and the header, not the caption.
+_LATEX_SPECIALS = str.maketrans({"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                                 "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                                 "^": r"\textasciicircum{}"})
 
 
-def _markdown_cell(value) -> str:
-    return _cell(value).replace("|", "\\|")  # a bare pipe would split the Markdown cell
+def _text_cells(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` as text, as every written table shows it: floats to 2 decimals, missing values empty."""
+    def text(value) -> str:
+        if pd.api.types.is_scalar(value) and pd.isna(value):
+            return ""
+        return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+    return frame.astype(object).map(text).rename(columns=str)
 
 
 def write_table(frame: pd.DataFrame, name: str, folder: Path | None = None,
@@ -84,3 +89,25 @@ def write_table(frame: pd.DataFrame, name: str, folder: Path | None = None,
     written["md"].write_text(to_markdown(frame))
     written["tex"].write_text(to_latex(frame, caption))
     return written
+
+
+def runs_frame(runs: Iterable[Run]) -> pd.DataFrame:
+    """One row per run: its config fields and its summary, ready for ``summarise``."""
+    rows = []
+    for run in runs:
+        row = run.config.to_dict()
+        row["objective_args"] = json.dumps(row["objective_args"], sort_keys=True)
+        row.update(run.summary)
+        row["dir"] = str(run.dir)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def metrics_frame(runs: Iterable[Run]) -> pd.DataFrame:
+    """Long table of per-epoch metrics of many runs (columns of ``metrics.jsonl`` plus run fields)."""
+    frames = []
+    for run in runs:
+        m = run.metrics.copy()
+        m["run_id"], m["name"], m["arch"], m["seed"] = run.config.run_id(), run.config.name, run.config.arch, run.config.seed
+        frames.append(m)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
