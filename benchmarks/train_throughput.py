@@ -1,10 +1,11 @@
 """Training throughput of the cdlib loop against the conventional loop of the paper's code.
 
-Both train the same network on the same images in the same process:
+Both train the same network on random CIFAR-shaped images in the same process:
 - reference: torchvision transforms on PIL images in DataLoader workers (crop, flip,
   rotation, ToTensor, Normalize), float32, batch 128, ``loss.item()`` every step;
-- cdlib: the data set resident on the device as uint8, augmentation in batch there,
-  bf16 autocast + channels_last on CUDA, no host synchronisation in the step.
+- cdlib: ``cdlib.core.train.fit`` as ``python -m cdlib estimate`` times it (``estimate.measure``):
+  the data set resident on the device as uint8, augmentation in batch there, bf16 autocast +
+  channels_last on CUDA, no host synchronisation in the step; a warm-up epoch, then a timed one.
 Prints images/s of both and their ratio; ``--record`` appends a row to docs/BENCHMARKS.md.
 
     python benchmarks/train_throughput.py                   # CPU: width 1/4 ResNet-18
@@ -24,19 +25,18 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's cdlib, installed or not
 from cdlib import paths  # noqa: E402
-from cdlib.core.config import TrainConfig  # noqa: E402
-from cdlib.core.data import Dataset, DeviceData  # noqa: E402
-from cdlib.core.engine import Engine, Member  # noqa: E402
+from cdlib.core.data import Dataset  # noqa: E402
 from cdlib.core.models import build_model  # noqa: E402
-from cdlib.scaleout.estimate import DataSpec, random_dataset, synchronize  # noqa: E402
+from cdlib.scaleout.estimate import DataSpec, measure, random_dataset  # noqa: E402
 
 
 WARMUP_STEPS = 3  # untimed batches of the reference loop (workers starting, allocations)
 
 
-def random_cifar(n: int, num_classes: int = 100) -> Dataset:
-    """n random CIFAR-shaped uint8 images with random labels."""
-    return random_dataset(n, DataSpec(n, min(n, 256), 32, num_classes))
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timing); a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def reference_images_per_second(ds: Dataset, arch: str, width: float, device, steps: int, workers: int) -> float:
@@ -77,19 +77,6 @@ def reference_images_per_second(ds: Dataset, arch: str, width: float, device, st
     return seen / (time.perf_counter() - start)
 
 
-def cdlib_images_per_second(ds: Dataset, arch: str, width: float, device, strategy: str = "eager") -> float:
-    config = TrainConfig(arch=arch, width=width, epochs=2, rotation=15)
-    data = DeviceData(ds, device, rotation=15)
-    engine = Engine([Member(config, data, device)], data, device, strategy)
-    n = len(ds.train_labels)
-    engine.train_epoch()  # warm-up epoch (allocations, cuDNN autotuning, compilation)
-    synchronize(device)
-    start = time.perf_counter()
-    engine.train_epoch()
-    synchronize(device)
-    return n / (time.perf_counter() - start)
-
-
 def record_row(path, header_start: str, row: str) -> None:
     """Insert ``row`` at the end of the Markdown table whose header starts with ``header_start``."""
     lines = path.read_text().splitlines(keepends=True)
@@ -111,9 +98,10 @@ def main(argv=None):
     parser.add_argument("--record", action="store_true", help="append the result to docs/BENCHMARKS.md")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    ds = random_cifar(128 * (args.steps + WARMUP_STEPS))  # the reference skips its first batches
-    ref = reference_images_per_second(ds, args.arch, args.width, device, args.steps, args.workers)
-    ours = cdlib_images_per_second(ds, args.arch, args.width, device)
+    spec = DataSpec(128 * (args.steps + WARMUP_STEPS), 256, 32, 100)  # the reference skips its first batches
+    ref = reference_images_per_second(random_dataset(spec.num_train, spec), args.arch, args.width, device, args.steps,
+                                      args.workers)
+    ours = 1 / measure(args.arch, args.width, spec, device, args.steps, 128).train  # seconds per image
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {name}; {args.arch} width {args.width}; batch 128; {args.steps} timed steps")
     print(f"reference loop (DataLoader + torchvision, fp32): {ref:10.0f} images/s")

@@ -19,6 +19,8 @@ is memory-mapped and read one model at a time, so its 1.8 GB are never held twic
 Baseline and CD were trained with the ``pytorch-cifar100`` networks, which are cdlib's ``resnet*`` and
 ``densenet121``; CS-KD and PS-KD with the CS-KD / PS-KD code's CIFAR networks, cdlib's
 ``preact_resnet*`` and ``cskd_densenet121`` (PS-KD's ResNet-50 is post-activation: ``resnet50``).
+Equal keys and shapes do not make equal networks, so ``tests/test_released.py`` states each of these
+upstream networks on its own and requires the reader's network to give its logits.
 """
 from __future__ import annotations
 
@@ -42,14 +44,27 @@ RUNS = (1, 2, 3)
 # The code each method was trained with, which fixes its networks, key names and input normalisation.
 FAMILY = {"baseline": "pytorch-cifar100", "cd-200": "pytorch-cifar100", "cd-300": "pytorch-cifar100",
           "cs-kd": "cs-kd", "ps-kd": "ps-kd"}
-# Train-set mean / std each code normalises with; the authors' evaluation script uses pytorch-cifar100's
-# for every method.
+# Input mean / std each code trains (and tests) its CIFAR-100 networks with: pytorch-cifar100's
+# CIFAR100_TRAIN_MEAN/STD (conf/global_settings.py, used by the authors' train.py, train_kd.py, train_cd.py);
+# the CS-KD code's datasets.py and the PS-KD code's loader/custom_dataloader.py both use the CIFAR-10
+# statistics below for CIFAR-100 as well.
 NORMALISATION = {
     "pytorch-cifar100": ((0.5070751592371323, 0.48654887331495095, 0.4409178433670343),
                          (0.2673342858792401, 0.2564384629170883, 0.27615047132568404)),
     "cs-kd": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     "ps-kd": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
 }
+# The authors' Table 2 script (analysis/evaluate_models.py) normalises every method's test images with
+# pytorch-cifar100's statistics, so for CS-KD and PS-KD it measures other inputs than those they trained on.
+EVALUATION_SCRIPT_NORMALISATION = "pytorch-cifar100"
+
+
+def normalisations(method: str) -> dict[str, str]:
+    """The two normalisations a released Table 2 checkpoint is evaluated under, as ``NORMALISATION`` keys:
+    "trained" (its own code's statistics) and "evaluate_models.py" (the authors' Table 2 script's)."""
+    return {"trained": FAMILY[method], "evaluate_models.py": EVALUATION_SCRIPT_NORMALISATION}
+
+
 # file, model groups, and how the authors built it (their analysis/build_tensors.py): the layer read,
 # components per model, centred PCA or not, and the percentile of |correlation| that set gamma.
 OMEGA_FILES = {
