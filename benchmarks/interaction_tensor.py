@@ -2,7 +2,7 @@
 
 Default size: 60 models x 10,000 images x 512 features (ResNet-18's pooled layer),
 K = 50 components. Activations are synthetic and seeded, with planted features
-(:func:`cdlib.core.interaction.planted_features`): each model sees 40 of 100 shared
+(:func:`cdlib.core.planted.planted_features`): each model sees 40 of 100 shared
 features plus 10 of its own, 700 planted features in all (the paper's tensor has
 about 750; at K = 50 PCA blends some planted features of similar variance, and the
 build finds about 570). Activations are generated one model at a time inside the build, as
@@ -37,6 +37,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cdlib.core import interaction as it  # noqa: E402
+from cdlib.core.feature_statistics import group_statistics, summary_table  # noqa: E402
+from cdlib.core.planted import planted_features  # noqa: E402
 
 GROUP_NAMES = ("baseline", "student", "teacher")
 
@@ -59,7 +61,7 @@ def main() -> None:
     device = it.resolve_device(args.device)
     private = max(1, args.components // 5)
     shared_per_model = args.components - private
-    planted = it.planted_features(
+    planted = planted_features(
         n_models=args.models, n_images=args.images, n_dims=args.features,
         n_shared=(5 * shared_per_model) // 2, shared_per_model=shared_per_model,
         private_per_model=private, seed=args.seed,
@@ -73,8 +75,8 @@ def main() -> None:
     tensor = it.build_interaction_tensor(planted, n_components=args.components, device=device)
     clock = time.perf_counter()
     thirds = [range(g * args.models // 3, (g + 1) * args.models // 3) for g in range(3)]
-    stats = [it.group_statistics(tensor, name, models) for name, models in zip(GROUP_NAMES, thirds)]
-    table = it.summary_table(stats)
+    stats = [group_statistics(tensor, name, models) for name, models in zip(GROUP_NAMES, thirds)]
+    table = summary_table(stats)
     stage_seconds = dict(tensor.stage_seconds, statistics=time.perf_counter() - clock)
     total = time.perf_counter() - start
     _, traced_peak = tracemalloc.get_traced_memory()

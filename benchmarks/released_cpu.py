@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cdlib.core import interaction
+from cdlib.core import feature_statistics
 from cdlib.core.models import build_model
 from cdlib.released import artifacts as art
 
@@ -66,7 +66,7 @@ def main() -> None:
         start = time.perf_counter()
         tensor = art.load_omega(Path(folder), "kd")
         for name, models in tensor.groups.items():
-            interaction.group_statistics(tensor, name, list(models))
+            feature_statistics.group_statistics(tensor, name, list(models))
         seconds = time.perf_counter() - start
     for which, t in RELEASED_T.items():
         models = max(r.stop for r in art.OMEGA_FILES[which][1].values())

@@ -27,6 +27,10 @@ class StoreError(UserError, RuntimeError):
     """A run-store file is damaged, or the store cannot be written (permissions, full disk)."""
 
 
+class DataError(UserError, RuntimeError):
+    """A data set is missing or malformed; the message says where we looked and what to do."""
+
+
 # Write failures that mean "no space" rather than a bug: full file system, quota, file-size limit.
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 

@@ -37,7 +37,7 @@ def where(function, snippet: str) -> str:
 def reports(request) -> dict:
     """Reports of the scenarios this session selected, from one run of the harness."""
     names = sorted({item.callspec.params["scenario"] for item in request.session.items
-                    if item.module is request.module and hasattr(item, "callspec")})
+                    if getattr(item, "module", None) is request.module and hasattr(item, "callspec")})
     done = subprocess.run([sys.executable, str(Path(dry.__file__)), *names], capture_output=True, text=True,
                           timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, f"the dry-run harness failed:\n{done.stderr[-3000:]}"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cdlib.core import data
+from cdlib.core import data, readers
 from cdlib.core.data import DataError, DeviceData, load_dataset
 
 
@@ -27,7 +27,7 @@ def _cifar_split(n, num_classes, rng, label_key, coarse=False):
 
 @pytest.fixture
 def small_counts(monkeypatch):
-    monkeypatch.setattr(data, "CIFAR_COUNTS", {"train": 500, "test": 100})
+    monkeypatch.setattr(readers, "CIFAR_COUNTS", {"train": 500, "test": 100})
 
 
 def make_cifar100(root, rng):
@@ -143,7 +143,7 @@ def test_numpy_pickles_of_numpy_1_and_2_load(tmp_path, protocol, numpy_core):
         blob = blob.replace(b"numpy._core.", b"numpy.core.").replace(b"numpy.core.", f"{numpy_core}.".encode())
         assert f"{numpy_core}.multiarray".encode() in blob
     (tmp_path / "file").write_bytes(blob)
-    loaded = data._unpickle(tmp_path / "file")
+    loaded = readers._unpickle(tmp_path / "file")
     for key, array in arrays.items():
         assert loaded[key].dtype.type == array.dtype.type and np.array_equal(loaded[key], array)
     assert loaded["scalar"] == 7 and loaded["names"] == ["a", "b"]
@@ -155,19 +155,19 @@ def test_damaged_dtype_is_a_data_error_not_a_crash(tmp_path):
     assert blob.count(b"NNNJ") == 1
     (tmp_path / "file").write_bytes(blob.replace(b"NNNJ", b"NNbJ"))
     with pytest.raises(DataError, match="dtype state"):
-        data._unpickle(tmp_path / "file")
+        readers._unpickle(tmp_path / "file")
 
 
 def test_pickle_that_is_not_a_dict_is_refused(tmp_path):
     _write_pickle(tmp_path / "file", [1, 2, 3])
     with pytest.raises(DataError, match="holds a list"):
-        data._unpickle(tmp_path / "file")
+        readers._unpickle(tmp_path / "file")
 
 
 def test_real_cifar100_sample(cifar100_sample):
     """The shared sample: real test images (first 20) and real class names, no train file."""
     folder = cifar100_sample / "cifar-100-python"
-    images, labels, coarse = data.read_cifar_split(folder / "test", "fine_labels", 100, expected=20)
+    images, labels, coarse = readers.read_cifar_split(folder / "test", "fine_labels", 100, expected=20)
     assert images.shape == (20, 32, 32, 3) and images.dtype == np.uint8
     assert labels.min() >= 0 and labels.max() < 100 and coarse.max() < 20
     meta = pickle.loads((folder / "meta").read_bytes(), encoding="latin1")
@@ -207,7 +207,7 @@ def test_imagefolder_resizes_and_checks_classes(tmp_path):
     assert ds.train_images.shape == (6, 32, 32, 3) and ds.classes == ["a", "b"]
     (tmp_path / "f" / "test" / "c").mkdir()
     with pytest.raises(DataError, match="differ"):
-        data.load_imagefolder(tmp_path / "f", size=16)  # another size: not the cached read
+        readers.load_imagefolder(tmp_path / "f", size=16)  # another size: not the cached read
 
 
 def _write_image(path, rng, size=32):
@@ -230,24 +230,24 @@ def _image_folder(root, rng, per_class=2):
 def test_imagefolder_cache_follows_the_files(tmp_path, isolated_outputs, monkeypatch, record_fault):
     rng = np.random.default_rng(5)
     folder = _image_folder(tmp_path / "f", rng)
-    first = data.load_imagefolder(folder)
+    first = readers.load_imagefolder(folder)
     cached = list((isolated_outputs / "cache").iterdir())
     assert len(cached) == 1 and cached[0].suffix == ".npz"  # no temporary file left behind
     with monkeypatch.context() as m:  # unchanged files: served from the cache, nothing decoded
-        m.setattr(data, "_read_image", lambda *args: pytest.fail("decoded an image despite the cache"))
-        again = data.load_imagefolder(folder)
+        m.setattr(readers, "_read_image", lambda *args: pytest.fail("decoded an image despite the cache"))
+        again = readers.load_imagefolder(folder)
     assert np.array_equal(again.train_images, first.train_images) and again.classes == ["a", "b"]
     # Rewritten with other pixels (and a new mtime, as a copy would give): the new pixels are served.
     image = folder / "train" / "b" / "1.png"
     stat = image.stat()
     pixels = _write_image(image, rng)
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    rewritten = data.load_imagefolder(folder)
+    rewritten = readers.load_imagefolder(folder)
     assert np.array_equal(rewritten.train_images[3], pixels)
     assert np.array_equal(rewritten.train_images[:3], first.train_images[:3])
     # One image more: it is read, with its label.
     added = _write_image(folder / "train" / "a" / "9.png", rng)
-    grown = data.load_imagefolder(folder)
+    grown = readers.load_imagefolder(folder)
     assert grown.train_labels.tolist() == [0, 0, 0, 1, 1] and np.array_equal(grown.train_images[2], added)
     record_fault("data: image folder changed after caching", "fresh arrays (cache keyed by names, sizes, mtimes)", None)
 
@@ -269,17 +269,17 @@ def _damage(cache, how):
 @pytest.mark.parametrize("how", ["truncated", "not an npz", "missing keys", "inconsistent shapes"])
 def test_damaged_imagefolder_cache_is_rebuilt(tmp_path, isolated_outputs, how, record_fault):
     folder = _image_folder(tmp_path / "f", np.random.default_rng(6))
-    fresh = data.load_imagefolder(folder)
+    fresh = readers.load_imagefolder(folder)
     (cache,) = (isolated_outputs / "cache").iterdir()
     _damage(cache, how)
     with pytest.warns(UserWarning, match="damaged") as record:
-        rebuilt = data.load_imagefolder(folder)
+        rebuilt = readers.load_imagefolder(folder)
     assert str(cache) in str(record[0].message) and f"rebuilding it from {folder}" in str(record[0].message)
     assert np.array_equal(rebuilt.train_images, fresh.train_images)
     assert np.array_equal(rebuilt.test_labels, fresh.test_labels)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert np.array_equal(data.load_imagefolder(folder).train_images, fresh.train_images)
+        assert np.array_equal(readers.load_imagefolder(folder).train_images, fresh.train_images)
     record_fault(f"data: image-folder cache {how}", f"rebuilt, with a warning: {record[0].message}", None)
 
 
@@ -294,7 +294,7 @@ def test_imagefolder_skips_what_is_not_an_image(tmp_path, record_fault):
     _write_image(train / "a" / "._0.png", rng)  # macOS's resource-fork copy: hidden
     upper = _write_image(train / "b" / "UPPER.PNG", rng)  # extensions match in any case
     with pytest.warns(UserWarning) as record:
-        ds = data.load_imagefolder(folder)
+        ds = readers.load_imagefolder(folder)
     messages = [str(w.message) for w in record]
     assert messages == [f"skipped 7 entries in {train} that are hidden, subfolders of a class folder or "
                         f"not images by extension (.jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp)."]
@@ -310,7 +310,7 @@ def test_undecodable_image_is_named(tmp_path, content):
     blob = (folder / "test" / "b" / "0.png").read_bytes()
     bad.write_bytes(b"not an image" if content == "not an image" else blob[: len(blob) // 2])
     with pytest.raises(DataError, match="Delete it or replace it") as err:
-        data.load_imagefolder(folder)
+        readers.load_imagefolder(folder)
     assert str(bad) in str(err.value)
 
 
@@ -319,7 +319,7 @@ def test_empty_class_folder_is_named(tmp_path):
     for split in ("train", "test"):
         (folder / split / "c").mkdir()
     with pytest.raises(DataError, match="holds no images") as err:
-        data.load_imagefolder(folder)
+        readers.load_imagefolder(folder)
     assert str(folder / "train" / "c") in str(err.value)
 
 

@@ -13,9 +13,9 @@ import torch
 from scipy import special
 
 from cdlib.experiments import feature_analysis as fa
+from cdlib.core import feature_statistics as fstats
 from cdlib.core import interaction as it
 from cdlib.experiments import plans
-from cdlib.core import runs
 from cdlib.scaleout import executors
 from cdlib.experiments.claims import NOT_MEASURED, NOT_SUPPORTED, SUPPORTED, claims_frame
 from cdlib.core.config import TrainConfig
@@ -97,7 +97,7 @@ def test_analyse_runs_equals_a_direct_build(fake):
     assert result.run_ids == {g: [f"{g}-{i}" for i in range(len(r))] for g, r in fake.by_group.items()}
     probabilities = fa.true_class_probabilities([run.logits for run in ordered], fake.labels)
     for name, models in (("baseline", [0, 1, 2]), ("student", [3, 4]), ("teacher", [5, 6])):
-        expected = it.group_statistics(tensor, name, models, probabilities)
+        expected = fstats.group_statistics(tensor, name, models, probabilities)
         got = result.groups[name]
         assert got.models == tuple(models)
         for field in ("frequency", "features_per_image", "models_per_feature", "num_features", "confidence"):
@@ -130,7 +130,7 @@ def test_result_tables_and_figure_inputs(fake):
 def group(name, frequency, num_features=None, confidence=None, n_images=100):
     frequency = np.asarray(frequency)
     num_features = np.zeros(n_images, int) if num_features is None else np.asarray(num_features)
-    return it.GroupStatistics(name=name, models=(0,), frequency=frequency,
+    return fstats.GroupStatistics(name=name, models=(0,), frequency=frequency,
                               features_per_image=np.zeros(len(num_features), int),
                               models_per_feature=(frequency > 0).astype(int), num_features=num_features,
                               confidence=None if confidence is None else np.asarray(confidence, float))

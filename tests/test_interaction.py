@@ -16,7 +16,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from cdlib.core import feature_statistics as fstats  # noqa: E402
 from cdlib.core import interaction as it  # noqa: E402
+from cdlib.core.planted import planted_features  # noqa: E402
 from cdlib.experiments import paper  # noqa: E402
 from cdlib.experiments import interaction_figures as figs  # noqa: E402
 
@@ -120,7 +122,7 @@ def planted_corr_percentile(planted):
 
 @pytest.fixture(scope="module")
 def planted():
-    return it.planted_features(N_MODELS, N_IMAGES, N_DIMS, N_SHARED, SHARED_PER_MODEL, PRIVATE_PER_MODEL, seed=3)
+    return planted_features(N_MODELS, N_IMAGES, N_DIMS, N_SHARED, SHARED_PER_MODEL, PRIVATE_PER_MODEL, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +167,7 @@ def test_group_statistics_match_planted(planted, planted_tensor):
     feature_of_cluster = {planted_tensor.cluster_of[m, k]: found[m, k]
                           for m, k in itertools.product(range(N_MODELS), range(K))}
     group = [1, 3, 4]
-    stats = it.group_statistics(planted_tensor, "g", group)
+    stats = fstats.group_statistics(planted_tensor, "g", group)
     seen = np.unique(np.concatenate(planted.features_of[group]))
     expected_frequency = np.zeros(planted_tensor.n_clusters, int)
     expected_models = np.zeros(planted_tensor.n_clusters, int)
@@ -249,16 +251,16 @@ def test_model_order_does_not_change_group_statistics(planted, planted_tensor):
                                            corr_percentile=planted_corr_percentile(planted), device="cpu")
     position = np.argsort(order)  # where original model m sits in the permuted tensor
     groups = {"a": [0, 1, 2], "b": [3, 4, 5], "c": [1, 5]}
-    original = [it.group_statistics(planted_tensor, g, models) for g, models in groups.items()]
-    moved = [it.group_statistics(permuted, g, position[models]) for g, models in groups.items()]
+    original = [fstats.group_statistics(planted_tensor, g, models) for g, models in groups.items()]
+    moved = [fstats.group_statistics(permuted, g, position[models]) for g, models in groups.items()]
     for before, after in zip(original, moved):
         assert before.n_features == after.n_features
         np.testing.assert_array_equal(np.sort(before.frequency), np.sort(after.frequency))
         np.testing.assert_array_equal(np.sort(before.models_per_feature), np.sort(after.models_per_feature))
         np.testing.assert_array_equal(before.features_per_image, after.features_per_image)
         np.testing.assert_array_equal(before.num_features, after.num_features)
-    assert it.shared_features(original).sum() == it.shared_features(moved).sum()
-    assert it.summary_table(original)["ours"].tolist() == it.summary_table(moved)["ours"].tolist()
+    assert fstats.shared_features(original).sum() == fstats.shared_features(moved).sum()
+    assert fstats.summary_table(original)["ours"].tolist() == fstats.summary_table(moved)["ours"].tolist()
 
 
 def test_presence_rule_is_signed():
@@ -310,7 +312,7 @@ def test_principal_projections_match_svd_both_gram_sides():
 # --------------------------------------------------------------------------------------
 
 def test_no_dense_omega_is_materialised():
-    planted = it.planted_features(20, 2000, 32, 60, 6, 4, seed=7)
+    planted = planted_features(20, 2000, 32, 60, 6, 4, seed=7)
     tensor = it.build_interaction_tensor(planted, n_components=10, device="cpu")
     n_models, n_images, n_clusters = tensor.n_models, tensor.n_images, tensor.n_clusters
     dense_int32 = n_models * n_images * n_clusters * 4
@@ -318,8 +320,8 @@ def test_no_dense_omega_is_materialised():
     # Presence is M x N x K bool: 4T/K times smaller than dense int32 (48x here, 60x for the paper's).
     assert tensor.nbytes < dense_int32 / 40
     tracemalloc.start()
-    stats = [it.group_statistics(tensor, g, range(start, start + 10)) for g, start in (("a", 0), ("b", 10))]
-    it.summary_table(stats)
+    stats = [fstats.group_statistics(tensor, g, range(start, start + 10)) for g, start in (("a", 0), ("b", 10))]
+    fstats.summary_table(stats)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     # Less than a dense *bool* Omega would take, let alone int32.
@@ -343,24 +345,24 @@ def test_save_and_load_round_trip(planted_tensor, tmp_path):
 
 def test_summary_table_puts_paper_numbers_beside_ours(planted_tensor):
     probabilities = np.random.default_rng(6).uniform(size=(N_MODELS, N_IMAGES))
-    groups = [it.group_statistics(planted_tensor, g, models, probabilities)
+    groups = [fstats.group_statistics(planted_tensor, g, models, probabilities)
               for g, models in (("baseline", [0, 1]), ("student", [2, 3]), ("teacher", [4, 5]))]
     np.testing.assert_allclose(groups[0].confidence, probabilities[[0, 1]].mean(axis=0))
-    assert it.summary_table(groups)["paper"].isna().all()  # the core knows no paper numbers
-    table = it.summary_table(groups, paper.interaction_statistics(g.name for g in groups))
+    assert fstats.summary_table(groups)["paper"].isna().all()  # the core knows no paper numbers
+    table = fstats.summary_table(groups, paper.interaction_statistics(g.name for g in groups))
     assert list(table.columns) == ["statistic", "groups", "paper", "ours"]
     assert len(table) == 16 and table["paper"].notna().all()
     row = table[(table.statistic == "features shared by the pair") & (table.groups == "student & teacher")]
     assert row["paper"].item() == 170
-    assert row["ours"].item() == it.shared_features(groups[1:]).sum()
+    assert row["ours"].item() == fstats.shared_features(groups[1:]).sum()
     assert table[table.statistic == "features shared by all groups"]["paper"].item() == 70
-    common = it.shared_features(groups)
-    for g, restricted in zip(groups, it.shared_frequencies(groups).values()):
+    common = fstats.shared_features(groups)
+    for g, restricted in zip(groups, fstats.shared_frequencies(groups).values()):
         np.testing.assert_array_equal(restricted, g.frequency[common])
         assert table[(table.statistic == "mean frequency of features shared by all")
                      & (table.groups == g.name)]["ours"].item() == pytest.approx(restricted.mean())
-    two = [groups[0], it.group_statistics(planted_tensor, "cd", [2, 3])]
-    table = it.summary_table(two, paper.interaction_statistics(g.name for g in two))
+    two = [groups[0], fstats.group_statistics(planted_tensor, "cd", [2, 3])]
+    table = fstats.summary_table(two, paper.interaction_statistics(g.name for g in two))
     assert table["paper"].isna().all() and "features shared by the pair" not in set(table.statistic)
 
 

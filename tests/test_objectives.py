@@ -19,8 +19,8 @@ import torch.nn as nn
 from cdlib.core.config import TrainConfig
 from cdlib.core.data import Batch
 from cdlib.errors import ConfigError
-from cdlib.core.objectives import (CD_SCHEDULES, OBJECTIVES, EpochEnd, cd_ema_updates, cd_phase, make_objective,
-                                   soft_loss)
+from cdlib.core.losses import EpochEnd, soft_loss
+from cdlib.core.objectives import CD_SCHEDULES, OBJECTIVES, cd_ema_updates, cd_phase, make_objective
 
 K = 5
 N = 40

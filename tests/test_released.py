@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cdlib.core import data
+from cdlib.core import readers
 from cdlib.core.models import build_model
 from cdlib.released import analysis, artifacts as art
 from test_data import make_cifar100
@@ -432,7 +432,7 @@ def released_folder(tmp_path, monkeypatch):
     teacher, both Omega files) and a CIFAR-100 test split of 100 images."""
     monkeypatch.setattr(art, "WIDTH", SMALL)
     monkeypatch.setattr(art, "TEST_IMAGES", 40)
-    monkeypatch.setattr(data, "CIFAR_COUNTS", {"train": 500, "test": 100})
+    monkeypatch.setattr(readers, "CIFAR_COUNTS", {"train": 500, "test": 100})
     split = make_cifar100(tmp_path / "data", np.random.default_rng(0)) / "test"
     test = pickle.loads(split.read_bytes())
     test["fine_labels"] = list(range(100))  # every class once: M has a row for each

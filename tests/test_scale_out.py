@@ -224,14 +224,20 @@ def test_owners_that_are_gone_are_detected_and_taken_over(tmp_path, monkeypatch,
 
 def test_heartbeat_refreshes_and_a_lost_lock_stops_training(tmp_path, monkeypatch):
     monkeypatch.setattr(locks, "HEARTBEAT_S", 0.05)
-    with pytest.raises(locks.LockLostError, match="taken over"):
-        with locks.claim(tmp_path) as held:
-            first = locks.read_lock(tmp_path).heartbeat
-            os.utime(held.path, (first - 100,) * 2)
-            wait_for(lambda: locks.read_lock(tmp_path).heartbeat > first - 50, 10, "a heartbeat")
-            _foreign_lock(tmp_path, 0)  # another worker judged us dead and took over
-            for _ in range(500):  # training steps, until the heartbeat thread interrupts them
-                time.sleep(0.02)
+    # The heartbeat stops training with _thread.interrupt_main, which acts only under Python's own SIGINT
+    # handler (a worker's); a library loaded by an earlier test in this process may have replaced it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(locks.LockLostError, match="taken over"):
+            with locks.claim(tmp_path) as held:
+                first = locks.read_lock(tmp_path).heartbeat
+                os.utime(held.path, (first - 100,) * 2)
+                wait_for(lambda: locks.read_lock(tmp_path).heartbeat > first - 50, 10, "a heartbeat")
+                _foreign_lock(tmp_path, 0)  # another worker judged us dead and took over
+                for _ in range(500):  # training steps, until the heartbeat thread interrupts them
+                    time.sleep(0.02)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert locks.read_lock(tmp_path).host == "node-17"  # the new owner's lock is left alone
 
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from cdlib.core import runs
 from cdlib.scaleout import executors
 from cdlib.core.calibration import expected_calibration_error
 from cdlib.core.config import TrainConfig

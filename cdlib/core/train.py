@@ -37,7 +37,8 @@ from cdlib.core.calibration import expected_calibration_error
 from cdlib.core.config import TrainConfig
 from cdlib.core.data import DeviceData, hold_out, load_dataset
 from cdlib.core.models import build_model
-from cdlib.core.objectives import EpochEnd, make_objective
+from cdlib.core.losses import EpochEnd
+from cdlib.core.objectives import make_objective
 from cdlib.core.util import add_counts, progress as progress_bar, resolve_device
 from cdlib.errors import UserError
 

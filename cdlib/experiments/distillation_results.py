@@ -34,7 +34,8 @@ from cdlib.experiments import paper, plans, tables
 from cdlib.core import runs as run_store
 from cdlib.experiments.claims import NOT_SUPPORTED, SUPPORTED, Claim
 from cdlib.core.config import TrainConfig
-from cdlib.core.objectives import EpochEnd, cd_ema_updates, cd_phase, make_objective
+from cdlib.core.losses import EpochEnd
+from cdlib.core.objectives import cd_ema_updates, cd_phase, make_objective
 from cdlib.experiments.profiles import Profile
 
 # Display names of Table 2's methods (keys of plans.TABLE2_METHODS), in table order.

@@ -28,8 +28,8 @@ from cdlib.core import runs
 from cdlib.experiments.claims import NOT_SUPPORTED, SUPPORTED, Claim, not_measured
 from cdlib.core.data import DeviceData, load_dataset
 from cdlib.core.util import resolve_device
-from cdlib.core.interaction import (GroupStatistics, InteractionTensor, build_interaction_tensor, group_statistics,
-                                    iter_activations, summary_table)
+from cdlib.core.feature_statistics import GroupStatistics, group_statistics, summary_table
+from cdlib.core.interaction import InteractionTensor, build_interaction_tensor, iter_activations
 from cdlib.experiments.profiles import Profile
 
 KD_GROUPS = ("baseline", "student", "teacher")
@@ -108,7 +108,7 @@ class FeatureAnalysis:
         return list(self.groups.values())
 
     def summary_table(self) -> pd.DataFrame:
-        """The paper's Section 3 statistics, paper column beside ours (:func:`cdlib.core.interaction.summary_table`)."""
+        """The paper's Section 3 statistics, paper column beside ours (:func:`cdlib.core.feature_statistics.summary_table`)."""
         return summary_table(self.statistics(), interaction_statistics(self.groups))
 
     def tensor_table(self) -> pd.DataFrame:

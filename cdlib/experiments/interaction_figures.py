@@ -7,7 +7,7 @@
 
 Every function takes plain per-group arrays keyed by group name (in legend order),
 so any grouping can be plotted: ``{s.name: s.frequency for s in stats}`` for a list
-of :class:`cdlib.core.interaction.GroupStatistics`. Each returns the figure and, given a
+of :class:`cdlib.core.feature_statistics.GroupStatistics`. Each returns the figure and, given a
 ``name``, also saves it through :func:`cdlib.experiments.figures.save_figure`.
 """
 from __future__ import annotations

@@ -44,7 +44,7 @@ _SIMILARITY_NAMES = {"pearson": "off-diagonal Pearson", "cosine": "per-class cos
 
 # Sections 3.3-3.4: the Interaction Tensor of 20 ResNet-18 baselines, 20 KD students and their 20
 # ResNet-152 teachers on the 10,000 test images, keyed as the rows of
-# ``cdlib.core.interaction.summary_table`` (statistic, group or set of groups). Pairwise counts
+# ``cdlib.core.feature_statistics.summary_table`` (statistic, group or set of groups). Pairwise counts
 # include the features shared by all three: the exclusive reading would need
 # |student| >= 70 + 132 + 170 = 372 > 281. The CD tensor's numbers of Section 4.3 are internally
 # inconsistent and are not listed.

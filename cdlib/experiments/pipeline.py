@@ -83,7 +83,7 @@ def main(argv=None) -> int:
 
     from papermill.exceptions import PapermillExecutionError
 
-    from cdlib.core.data import ensure_downloaded
+    from cdlib.core.readers import ensure_downloaded
     profile = profile_from_args(args)  # announces what 'auto' chose
     args.profile = profile.source  # the notebooks and the executors resolve the same profile
     if args.download:

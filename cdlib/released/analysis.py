@@ -10,7 +10,7 @@ From a local copy of the released folder (``cdlib.released.artifacts``) it write
 - Section 4.1 from the released teacher and baseline: the three similarities of M (the teacher's
   class-mean softmax) and Q (the baseline's confusion), the shuffled control, the spectra;
 - Figures 1 and 3's statistics (|F|, E[F], shared features, features per image) from the released
-  Omega tensors, by ``cdlib.core.interaction.group_statistics``;
+  Omega tensors, by ``cdlib.core.feature_statistics.group_statistics``;
 - Figures 1a, 1b, 3a and 3b from those tensors;
 - claims 1, 2 and 5 (its feature half from the CD tensor), by the pipeline's own verdict rules;
 - ``REPORT_SECTION.md``, which ``python -m cdlib report`` puts into REPORT.md.
@@ -34,9 +34,9 @@ import pandas as pd
 import torch
 
 from cdlib import paths
-from cdlib.core import confusion, interaction
+from cdlib.core import confusion, feature_statistics
 from cdlib.core.calibration import expected_calibration_error
-from cdlib.core.data import load_cifar_test
+from cdlib.core.readers import load_cifar_test
 from cdlib.core.util import atomic_write_text, resolve_device
 from cdlib.errors import ArgumentParser
 from cdlib.experiments import dark_knowledge, paper, tables
@@ -154,7 +154,7 @@ def section_4_1(folder: Path, data_root=None, device=None, num_shuffles: int = 1
 def feature_analysis(folder: Path, which: str, n_images: int | None = None) -> FeatureAnalysis:
     """Each group's statistics of the released Omega ``which`` ("kd" or "cd"), read model by model."""
     omega = art.load_omega(folder, which, n_images)
-    groups = {name: interaction.group_statistics(omega, name, list(models)) for name, models in omega.groups.items()}
+    groups = {name: feature_statistics.group_statistics(omega, name, list(models)) for name, models in omega.groups.items()}
     return FeatureAnalysis(tensor=omega, groups=groups,
                            run_ids={g: [f"{omega.path.name}[{m}]" for m in r] for g, r in omega.groups.items()},
                            labels=np.zeros(0, dtype=np.int64), dataset="CIFAR-100 (released tensors)",

@@ -229,7 +229,7 @@ def load_released_model(path: Path, method: str, arch: str) -> nn.Module:
 @dataclass
 class ReleasedOmega:
     """A released Omega tensor (M, N, T) of 0/1, memory-mapped; ``model_features(m)`` reads one model,
-    as ``cdlib.core.interaction.InteractionTensor`` does, so ``group_statistics`` works on it."""
+    as ``cdlib.core.interaction.InteractionTensor`` does, so ``feature_statistics.group_statistics`` works on it."""
 
     path: Path
     tensor: torch.Tensor

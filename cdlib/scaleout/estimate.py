@@ -41,7 +41,8 @@ import torch
 from cdlib import paths
 from cdlib.core import runs
 from cdlib.core.config import TrainConfig
-from cdlib.core.data import CIFAR_COUNTS, Dataset, DeviceData, load_dataset, synthetic
+from cdlib.core.data import DeviceData, load_dataset, synthetic
+from cdlib.core.readers import CIFAR_COUNTS, Dataset
 from cdlib.core.models import build_model
 from cdlib.core.objectives import make_objective
 from cdlib.core.train import evaluate, fit
