@@ -37,7 +37,7 @@ from kill_harness import RUNS, train  # noqa: E402  (tests/ is on sys.path under
 
 HARNESS = Path(__file__).with_name("kill_harness.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "CDLIB_PROGRESS": "0"}
-EXTRA_TRIALS = 6  # random events beyond one per phase
+EXTRA_TRIALS = 3  # random events beyond one per phase
 # Fields that say how long a run trained, not what it learnt.
 NOT_RESULTS = ("seconds", "train_seconds", "seconds_this_session")
 
