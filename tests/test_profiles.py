@@ -92,7 +92,7 @@ def test_the_pipeline_hands_the_profile_and_overrides_to_every_notebook(monkeypa
 
 def test_the_pipeline_downloads_missing_cifar_once_with_the_flag(monkeypatch, tmp_path):
     """The downloader is replaced: it writes the files a real download leaves; offline is an OSError."""
-    from cdlib.core import data
+    from cdlib.core import readers
     calls = []
 
     def fake_download(name, base):
@@ -100,7 +100,7 @@ def test_the_pipeline_downloads_missing_cifar_once_with_the_flag(monkeypatch, tm
         folder = base / "cifar-10-batches-py"
         folder.mkdir(parents=True)
         (folder / "test_batch").write_bytes(b"")
-    monkeypatch.setattr(data, "download_cifar", fake_download)
+    monkeypatch.setattr(readers, "download_cifar", fake_download)
     monkeypatch.setattr(pipeline, "run_notebook", lambda nb, parameters, kernel: nb)
     root = tmp_path / "data"
     args = ["--profile", "cpu", "--data-root", str(root), "--only", "01", "--download"]
@@ -111,6 +111,6 @@ def test_the_pipeline_downloads_missing_cifar_once_with_the_flag(monkeypatch, tm
 
     def offline(name, base):
         raise OSError("[Errno -3] Temporary failure in name resolution")
-    monkeypatch.setattr(data, "download_cifar", offline)
+    monkeypatch.setattr(readers, "download_cifar", offline)
     with pytest.raises(DataError, match="cifar100 not found, and downloading it failed .*name resolution.*Put the"):
         pipeline.main(args + ["--set", "dataset=cifar100"])
