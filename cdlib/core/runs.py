@@ -45,7 +45,7 @@ MODEL, TEST_LOGITS, CONFUSIONS = "model.pt", "test_logits.npy", "confusions.npz"
 ATTEMPTS, FAILED = "attempts.jsonl", "failed.json"
 CHECKPOINT_FORMAT = 2  # 2: the checkpoint carries the metrics history
 CHECKPOINT_KEYS = ("config", "epoch", "history", "model", "optimizer", "objective", "train_confusions",
-                   "test_confusions", "torch_rng")
+                   "test_confusions")
 # What to do about a damaged file of a finished run: its other files are finished work, never deleted.
 FINISHED_FILE_ADVICE = ("The run's other files are untouched. Restore the file from a backup, or move the run folder "
                         "away to train the run again.")

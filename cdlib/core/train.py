@@ -169,7 +169,6 @@ def fit(config: TrainConfig, run_dir: str | Path, *, data: DeviceData | None = N
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.nesterov, weight_decay=config.weight_decay,
                                 **({"fused": True} if cuda else {}))
-    torch_rng = torch.get_rng_state()
     generator = torch.Generator(device)
     objective = make_objective(config.objective, config.objective_args)
     objective.setup(config, data.train_labels, C)
@@ -204,7 +203,7 @@ def fit(config: TrainConfig, run_dir: str | Path, *, data: DeviceData | None = N
                 f"checkpoint {runs.checkpoint_path(run_dir)} does not fit run {config.run_id()} ({type(err).__name__}: "
                 f"{' '.join(str(err).split())[:300]}); it was written by another version of cdlib or altered. Delete "
                 f"it to restart the run from scratch, or resume it with the cdlib that wrote it.") from err
-        torch_rng, start_epoch, history = state["torch_rng"], int(state["epoch"]), state["history"]
+        start_epoch, history = int(state["epoch"]), state["history"]
     runs.write_metrics(run_dir, history)  # drops lines written after the checkpoint, before a kill
 
     # ---- the epochs
@@ -275,7 +274,7 @@ def fit(config: TrainConfig, run_dir: str | Path, *, data: DeviceData | None = N
                 "format": runs.CHECKPOINT_FORMAT, "config": config.to_dict(), "epoch": epoch + 1, "history": history,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "objective": objective.state_dict(),
                 **{f"{split}_confusions": counts for split, counts in confusions.items()},
-                "torch_rng": torch_rng, "device_type": device.type})
+                "device_type": device.type})
 
     # ---- the run's final files; the summary last, since it marks a finished run
     final = evaluate(model, data, "test", return_logits=True)
