@@ -3,7 +3,7 @@ PYTHON ?= python3
 PROFILE ?= auto
 TEST_OUTPUTS := $(CURDIR)/outputs/_test
 
-.PHONY: setup test reproduce smoke lab strip benchmark
+.PHONY: setup test reproduce smoke cpu-profile lab strip benchmark
 
 setup:  ## install pinned dependencies and cdlib (editable)
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -18,6 +18,12 @@ reproduce: setup  ## fetch CIFAR if missing, then every notebook in order: paper
 
 smoke: setup  ## the whole pipeline on a CPU in minutes
 	$(PYTHON) -m cdlib pipeline --profile smoke
+
+CPU_DATASET ?= imagefolder:cifar10-jpeg
+cpu-profile: setup  ## the cpu profile on real CIFAR-10 (2 CPU workers), then docs/RESULTS.md and docs/cpu-profile/; set CDLIB_OUTPUTS outside the work tree
+	$(PYTHON) -m cdlib pipeline --profile cpu --set dataset=$(CPU_DATASET) --executor local --cpu-workers 2
+	$(PYTHON) -m cdlib results --profile cpu --set dataset=$(CPU_DATASET)
+	$(PYTHON) -m cdlib publish --to docs/cpu-profile
 
 lab: setup
 	$(PYTHON) -m jupyter lab notebooks/

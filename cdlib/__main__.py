@@ -3,6 +3,7 @@
     pipeline   run notebooks 01..05 in order with papermill (cdlib.experiments.pipeline)
     report     rewrite outputs/REPORT.md from the run store   (cdlib.experiments.report)
     results    write docs/RESULTS.md from real-data runs        (cdlib.experiments.results)
+    publish    copy the outputs, small, into a folder to commit (cdlib.experiments.publish)
     released   the paper's claims from the authors' artifacts   (cdlib.released.analysis)
     plan       list the runs a notebook trains                 (cdlib.scaleout.plan)
     estimate   how long a profile's training takes here        (cdlib.scaleout.estimate)
@@ -21,6 +22,7 @@ COMMANDS = {
     "pipeline": "cdlib.experiments.pipeline",
     "report": "cdlib.experiments.report",
     "results": "cdlib.experiments.results",
+    "publish": "cdlib.experiments.publish",
     "released": "cdlib.released.analysis",
     "plan": "cdlib.scaleout.plan",
     "estimate": "cdlib.scaleout.estimate",

@@ -69,14 +69,14 @@ def test_scaled_schedule(segments, epochs, expected):
 @pytest.mark.parametrize("name", ["smoke", "quick", "paper"])
 def test_the_builtin_profiles_as_files_keep_their_run_ids(name):
     """The profiles moved from Python to TOML files and gained keys (validation, teacher_width) and Table 2
-    gained the eval-mode CD source: every run the notebooks planned before is planned again, same id,
-    and the only new runs are that source's. (smoke holds 1,500 images out since issue 19, to halve CI's
+    gained the eval-mode CD source and the 300-epoch controls: every run the notebooks planned before is
+    planned again, same id, and the only new runs are those methods'. (smoke holds 1,500 images out since issue 19, to halve CI's
     notebook time, which changed its ids by design: its check runs with validation 0.)"""
     before = set(json.loads((Path(__file__).parent / "data" / "builtin_run_ids.json").read_text())[name])
     profile = replace(PROFILES[name], validation=0) if name == "smoke" else PROFILES[name]
     now = {c.run_id() for nb in NOTEBOOKS for c in plans.notebook_plan(profile, nb)}
     assert before <= now
-    assert {i.rsplit("-", 2)[0] for i in now - before} == {"cd300-train_eval"}
+    assert {i.rsplit("-", 2)[0] for i in now - before} == {"cd300-train_eval", "baseline300", "ls300"}
 
 
 def test_the_holdout_source_is_planned_only_with_a_validation_split():

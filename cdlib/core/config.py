@@ -25,7 +25,7 @@ from cdlib.errors import ConfigError
 DATASETS = ("cifar100", "cifar10", "synthetic")  # and "imagefolder:<folder>"
 # Fields added after run ids were first published enter the hash only when they differ from these
 # defaults, so every earlier run keeps its id.
-LATER_FIELDS = {"validation": 0}
+LATER_FIELDS = {"validation": 0, "train_images": 0}
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class TrainConfig:
     dataset: str = "cifar100"         # cifar100 | cifar10 | imagefolder:<subfolder> | synthetic
     rotation: float = 15.0            # degrees of random rotation; 0 turns it off
     validation: int = 0               # training images held out for validation (stratified, fixed); 0: none
+    train_images: int = 0             # train on this many of the rest (stratified, fixed subset); 0: all
     # network
     arch: str = "resnet18"
     width: float = 1.0                # channel multiplier; < 1 for tiny smoke/test networks
@@ -94,6 +95,8 @@ class TrainConfig:
             fail("seed", "a whole number >= 0")
         if not whole(self.validation) or self.validation < 0:
             fail("validation", "a whole number of training images >= 0")
+        if not whole(self.train_images) or self.train_images < 0:
+            fail("train_images", "a whole number of training images >= 0 (0: all)")
         if not (number(self.warmup_epochs) and 0 <= self.warmup_epochs <= self.epochs):
             fail("warmup_epochs", f"a number in [0, epochs = {self.epochs}]")
         if self.schedule not in ("multistep", "cosine"):

@@ -36,6 +36,7 @@ class Batch:
 
 
 VALIDATION_SEED = 0  # one fixed split per data set and size, whatever the run's seed
+SUBSET_SEED = 1  # and one fixed training subset (TrainConfig.train_images) of what is left
 
 
 def validation_indices(labels: np.ndarray, n: int, seed: int = VALIDATION_SEED) -> np.ndarray:
@@ -51,19 +52,28 @@ def validation_indices(labels: np.ndarray, n: int, seed: int = VALIDATION_SEED) 
     return np.sort(np.concatenate(chosen))
 
 
-def hold_out(dataset: Dataset, n: int) -> Dataset:
-    """``dataset`` with ``n`` stratified training images moved to a validation split (``n = 0``: unchanged)."""
-    if n == 0:
-        return dataset
+def hold_out(dataset: Dataset, n: int, train_images: int = 0) -> Dataset:
+    """``dataset`` with ``n`` stratified training images moved to a validation split (``n = 0``: none), then
+    only ``train_images`` of the rest kept for training, stratified and fixed (``0``: all of them)."""
     labels = dataset.train_labels
-    held = np.zeros(len(labels), dtype=bool)
-    if 0 < n < len(labels):
-        held[validation_indices(labels, n)] = True
-    if not held.any() or np.bincount(labels[~held], minlength=dataset.num_classes).min() == 0:
-        raise DataError(f"cannot hold out {n} of the {len(labels)} training images of {dataset.name} for "
-                        f"validation: every class must keep some training images. Choose a smaller validation size.")
-    return replace(dataset, train_images=dataset.train_images[~held], train_labels=labels[~held],
-                   validation_images=dataset.train_images[held], validation_labels=labels[held])
+    if n:
+        held = np.zeros(len(labels), dtype=bool)
+        if 0 < n < len(labels):
+            held[validation_indices(labels, n)] = True
+        if not held.any() or np.bincount(labels[~held], minlength=dataset.num_classes).min() == 0:
+            raise DataError(f"cannot hold out {n} of the {len(labels)} training images of {dataset.name} for "
+                            f"validation: every class must keep some training images. Choose a smaller validation size.")
+        dataset = replace(dataset, train_images=dataset.train_images[~held], train_labels=labels[~held],
+                          validation_images=dataset.train_images[held], validation_labels=labels[held])
+    if train_images:
+        rest = dataset.train_labels
+        if train_images > len(rest) or train_images < dataset.num_classes:
+            raise DataError(f"cannot train on {train_images} images of {dataset.name}: {len(rest)} training images "
+                            f"are left after holding {n} out, and each of its {dataset.num_classes} classes needs one. "
+                            f"Choose train_images between {dataset.num_classes} and {len(rest)}, or 0 for all.")
+        kept = validation_indices(rest, train_images, seed=SUBSET_SEED)
+        dataset = replace(dataset, train_images=dataset.train_images[kept], train_labels=rest[kept])
+    return dataset
 
 
 # --------------------------------------------------------------------------- synthetic

@@ -156,10 +156,13 @@ def fit(config: TrainConfig, run_dir: str | Path, *, data: DeviceData | None = N
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cudnn.deterministic = deterministic
     if data is None:
-        data = DeviceData(hold_out(load_dataset(config.dataset, data_root), config.validation), device, config.rotation)
-    if data.num_validation != config.validation or data.device.type != device.type:
-        raise ValueError(f"the data passed hold out {data.num_validation} validation images on {data.device}; the "
-                         f"config asks for {config.validation} on {device}")
+        data = DeviceData(hold_out(load_dataset(config.dataset, data_root), config.validation, config.train_images),
+                          device, config.rotation)
+    if (data.num_validation != config.validation or data.device.type != device.type
+            or config.train_images and data.num_train != config.train_images):
+        raise ValueError(f"the data passed hold out {data.num_validation} validation images and train on "
+                         f"{data.num_train} on {data.device}; the config asks for {config.validation} and "
+                         f"{config.train_images or 'all the other'} training images on {device}")
     C, E = data.num_classes, config.epochs
 
     # ---- the run: network, optimiser, generator, objective, teacher

@@ -7,18 +7,22 @@ them into tables, tests and claims; nothing trains. The configs come from
 - :func:`kd_table`: teacher / KD student / baseline accuracy (the paper's Section 3);
 - :func:`table1_frame`: the paper's Table 1 schedule and weight sweep, ours beside the paper's;
 - :func:`table2_long` / :func:`table2_frame`: Table 2, every method on every network;
-- :func:`significance_table`: Welch's t-test of CD-300 and CD-200 against every other method;
+- :func:`significance_table`: Welch's t-test of CD-300 and CD-200 against every method of their own
+  training budget (:func:`budget`; CD-300 against the 300-epoch controls, PS-KD and its variants,
+  CD-200 against the 200-epoch methods);
 - :func:`leak_table`: the released code's test-set source (README, "Deviations") against each
   leak-free CD-300 source (training batches, eval-mode training images, held-out validation),
   and :func:`test_source_messages`;
 - Figure 3's baseline-vs-CD Interaction Tensor comes from :func:`cdlib.experiments.feature_analysis.analyse_profile`;
-- :func:`cd_claim`: claim 5 with its rule;
+- :func:`cd_claim`: claim 5 with its rule, at equal budget (CD-300 vs PS-KD, CD-200 vs CS-KD);
 - :func:`replay_cd_ema`: the EMA confusion matrix Q~ of a CD run after every epoch,
   rebuilt exactly from the run's stored per-epoch confusion counts.
 
 Accuracy is reported as README's "Deviations" says: final-epoch top-1 is the headline,
 best-epoch top-1 (what the paper reports) a separate, labelled column; spread is the
-sample std (ddof = 1) and ``95% CI`` the half-width of the t-interval over seeds.
+sample std (ddof = 1) and ``95% CI`` the half-width of the t-interval over seeds. Every
+comparison with a p-value is between runs of one training budget, and says so ("12 vs 12
+epochs"); no verdict reads a test-selected number (``tables.TEST_SELECTED``).
 """
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ from cdlib.experiments.profiles import Profile
 METHOD_LABELS = {
     "baseline": "Baseline (CE)",
     "ls": "Label smoothing",
+    "baseline300": "Baseline (CE), 300-epoch budget",
+    "ls300": "Label smoothing, 300-epoch budget",
     "tfkd_reg": "Tf-KD_reg",
     "cskd": "CS-KD",
     "pskd": "PS-KD",
@@ -56,6 +62,8 @@ METHOD_LABELS = {
 }
 LEAKY_METHODS = ("cd300-test",)
 CD_REFERENCES = ("cd300", "cd200")   # the leak-free CD rows tested against every other method
+# Claim 5's comparisons at equal budget: CD-300 and PS-KD train 300 paper epochs, CD-200 and CS-KD 200.
+CLAIM5_PAIRS = (("cd300", "pskd"), ("cd200", "cskd"))
 CLAIM5_LINKS = ("tables/05_table2.md", "tables/05_significance.md", "figures/05_fig3a_feature_frequency.png",
                 "figures/05_fig3b_features_per_image.png")
 
@@ -65,6 +73,17 @@ ARCH_LABELS = {"resnet18": "ResNet-18", "resnet34": "ResNet-34", "resnet50": "Re
 
 def arch_label(arch: str) -> str:
     return ARCH_LABELS.get(arch, arch)
+
+
+def budget(profile: Profile, a: str, b: str, arch: str | None = None) -> tuple[bool, str]:
+    """Whether Table 2 methods ``a`` and ``b`` train equally long in ``profile``, and "12 vs 8 epochs"."""
+    ea, eb = plans.method_epochs(profile, a, arch), plans.method_epochs(profile, b, arch)
+    return ea == eb, f"{ea} vs {eb} epochs"
+
+
+def paper_budget(a: str, b: str) -> str:
+    """The paper's epochs of Table 2 methods ``a`` and ``b``: "300 vs 200 epochs"."""
+    return f"{plans.TABLE2_METHODS[a][2]} vs {plans.TABLE2_METHODS[b][2]} epochs"
 
 
 # ----------------------------------------------------------------------------- loading
@@ -208,6 +227,7 @@ def table2_long(profile: Profile, root=None, cells: Mapping | None = None) -> pd
     for (method, arch), run_list in (table2_runs(profile, root) if cells is None else cells).items():
         paper_value = paper.table2(method, arch)
         rows.append({"method": method, "label": METHOD_LABELS.get(method, method), "arch": arch,
+                     "epochs": plans.method_epochs(profile, method, arch),
                      "epochs (paper)": plans.TABLE2_METHODS[method][2], **_summary_row(run_list),
                      "paper": np.nan if paper_value is None else paper_value})
     return pd.DataFrame(rows)
@@ -224,7 +244,7 @@ def table2_frame(profile: Profile, root=None) -> pd.DataFrame:
     ``n`` (seeds).
     """
     long = table2_long(profile, root)
-    out = long[["method", "label", "epochs (paper)"]].drop_duplicates("method").set_index("method")
+    out = long[["method", "label", "epochs", "epochs (paper)"]].drop_duplicates("method").set_index("method")
     for arch, group in long.groupby("arch", sort=False):
         group = group.set_index("method")
         name = arch_label(arch)
@@ -273,10 +293,13 @@ def welch(a, b) -> tuple[float, float, str]:
 
 def significance_table(profile: Profile, root=None, metric: str = "final_top1",
                        references: Sequence[str] = CD_REFERENCES) -> pd.DataFrame:
-    """Each leak-free CD row against every other method, per network, by Welch's t-test over seeds.
+    """Each leak-free CD row against every other method of its own budget, per network, by Welch's
+    t-test over seeds: CD-300 against the 300-epoch methods, CD-200 against the 200-epoch ones. A
+    method of another budget is not compared (in short schedules the budget decides it).
 
-    Columns: network, CD (the reference), method, their means, difference (CD - method),
-    t, p (two-sided), n of each, and a note (why p is NaN; the leaky test-source row is flagged).
+    Columns: network, CD (the reference), method, epochs ("12 vs 12 epochs"), their means,
+    difference (CD - method), t, p (two-sided), n of each, and a note (why p is NaN; the leaky
+    test-source row is flagged).
     No correction for multiple comparisons is applied: read p against 0.05 / (number of rows)
     for a Bonferroni-corrected reading.
     """
@@ -288,14 +311,15 @@ def significance_table(profile: Profile, root=None, metric: str = "final_top1",
         for ref in references:
             a = summary_values(cells[(ref, arch)], metric)
             for method in methods:
-                if method == ref:
+                same, epochs = budget(profile, ref, method, arch)
+                if method == ref or not same:
                     continue
                 b = summary_values(cells[(method, arch)], metric)
                 t, p, note = welch(a, b)
                 if method in LEAKY_METHODS:
                     note = "; ".join(filter(None, ["test-source run: its test accuracy is not held out", note]))
                 rows.append({"network": arch_label(arch), "CD": METHOD_LABELS[ref], "method": METHOD_LABELS[method],
-                             "CD mean": a.mean(), "method mean": b.mean(), "difference": a.mean() - b.mean(),
+                             "epochs": epochs, "CD mean": a.mean(), "method mean": b.mean(), "difference": a.mean() - b.mean(),
                              "t": round(t, 3), "p (Welch)": format_p(p), "n CD": len(a), "n method": len(b), "note": note})
     return pd.DataFrame(rows)
 
@@ -333,6 +357,7 @@ def leak_table(profile: Profile, root=None, cells: Mapping | None = None) -> pd.
                 a, b = summary_values(cells[(method, arch)], metric), summary_values(test_runs, metric)
                 t, p, note = welch(b, a)
                 rows.append({"network": arch_label(arch), "leak-free source": source, "metric": label,
+                             "epochs": budget(profile, method, "cd300-test", arch)[1],
                              "leak-free": tables.format_mean_std(*tables.mean_std_ci(a)[:2]),
                              "test source (leak)": tables.format_mean_std(*tables.mean_std_ci(b)[:2]),
                              "difference (test - leak-free)": b.mean() - a.mean(), "t": round(t, 3),
@@ -445,14 +470,17 @@ def cd_ema_frame(run: run_store.Run, ema: np.ndarray | None = None) -> pd.DataFr
 # ----------------------------------------------------------------------------- (f) claim 5
 
 def paper_claim5_text() -> str:
-    """What the paper's own Table 2 says about claim 5's accuracy half, network by network."""
+    """What the paper's own Table 2 says about claim 5's accuracy half, network by network, at equal budget
+    (CD-300 vs PS-KD, CD-200 vs CS-KD), and its headline comparison, which mixes budgets."""
     parts = []
     for arch in paper.TABLE2_ARCHS:
-        cd, cskd, pskd = (paper.table2(m, arch) for m in ("cd300", "cskd", "pskd"))
-        relation = "above both" if cd > max(cskd, pskd) else "not above both"
-        parts.append(f"{arch_label(arch)} {cd:.2f} vs CS-KD {cskd:.2f} / PS-KD {pskd:.2f} ({relation})")
-    return ("CD-300, best epoch, test-set source, mean of 3: " + "; ".join(parts)
-            + f"; ResNet-34 margin over the better of the two +{paper.resnet34_margin():.1f}. "
+        pairs = [f"{METHOD_LABELS[cd]} {paper.table2(cd, arch):.2f} vs {METHOD_LABELS[other]} "
+                 f"{paper.table2(other, arch):.2f} ({'above' if paper.table2(cd, arch) > paper.table2(other, arch) else 'not above'})"
+                 for cd, other in CLAIM5_PAIRS]
+        parts.append(f"{arch_label(arch)} " + ", ".join(pairs))
+    return ("Best epoch, test-set CD source, mean of 3, equal budgets (" + "; ".join(paper_budget(*p) for p in CLAIM5_PAIRS)
+            + "): " + "; ".join(parts) + f". Its headline sets CD-300 against CS-KD too ({paper_budget('cd300', 'cskd')}"
+            f", not counted here); ResNet-34 margin over the better of the two +{paper.resnet34_margin():.1f}. "
             "Fewer, more frequently used features than the baseline (Section 4.3, its numbers inconsistent)")
 
 
@@ -460,48 +488,54 @@ def cd_claim(profile: Profile, root=None, features=None,
              alpha: float = 0.05) -> Claim:
     """Claim 5: CD beats CS-KD and PS-KD (+1.2 on ResNet-34) and has KD-like feature effects.
 
-    Rule. Accuracy half, on every network of the profile: the leak-free CD-300's mean
-    final-epoch top-1 over seeds exceeds both CS-KD's and PS-KD's, and its difference to
-    the better of the two is significant by Welch's t-test (two-sided p < ``alpha``; with
-    fewer than 2 seeds per cell there is no test and the half fails). Feature half (when
-    ``features``, a ``feature_analysis.FeatureAnalysis`` with groups "baseline" and "cd", is given): in the baseline-vs-CD Interaction Tensor the CD models use
-    fewer features than the baselines (|F| lower) and reuse each on more images (mean
-    frequency E[F] higher), the pruning KD does (claim 2). Supported iff every measured
-    half holds. The ResNet-34 margin is reported beside the paper's +1.2; it does not
-    enter the verdict. Note that under this rule the paper's own Table 2 numbers would
-    not hold on ResNet-18 and DenseNet-121 (PS-KD is higher there); ``paper`` says so.
+    Rule. Accuracy half, on every network of the profile and at equal training budget: the
+    leak-free CD-300's mean final-epoch top-1 over seeds exceeds PS-KD's (both 300 paper epochs)
+    and CD-200's exceeds CS-KD's (both 200), each difference significant by Welch's t-test
+    (two-sided p < ``alpha``; with fewer than 2 seeds per cell there is no test and the half
+    fails). The paper's CD-300 against CS-KD (300 vs 200 epochs) is not counted. Feature half
+    (when ``features``, a ``feature_analysis.FeatureAnalysis`` with groups "baseline" and "cd",
+    is given): in the baseline-vs-CD Interaction Tensor the CD models use fewer features than
+    the baselines (|F| lower) and reuse each on more images (mean frequency E[F] higher), the
+    pruning KD does (claim 2). Supported iff every measured half holds. Under this rule the
+    paper's own Table 2 numbers would not hold on ResNet-18 and DenseNet-121 (PS-KD is higher
+    there); ``paper`` says so.
     """
     cells = table2_runs(profile, root)
     top1 = {key: summary_values(run_list, "final_top1") for key, run_list in cells.items()}
     seeds = {len(v) for v in cells.values()}
     archs = list(dict.fromkeys(arch for _, arch in cells))
+    for arch in archs:
+        for cd, other in CLAIM5_PAIRS:
+            same, epochs = budget(profile, cd, other, arch)
+            if not same:  # the plans give both the same paper budget; a profile cannot break that silently
+                raise ValueError(f"claim 5 compares {cd} with {other} at equal budget, but they train {epochs}")
     source = (f"{profile.dataset}, profile {profile.label}, {', '.join(arch_label(a) for a in archs)}, "
-              f"{'/'.join(str(s) for s in sorted(seeds))} seeds per cell, final-epoch top-1")
-    return claim5(top1, features, source, alpha, what="leak-free CD-300 mean final-epoch top-1 over seeds")
+              f"{'/'.join(str(s) for s in sorted(seeds))} seeds per cell, final-epoch top-1, "
+              + ", ".join(f"{METHOD_LABELS[cd]} vs {METHOD_LABELS[o]} {budget(profile, cd, o)[1]}" for cd, o in CLAIM5_PAIRS))
+    return claim5(top1, features, source, alpha, what="leak-free CD mean final-epoch top-1 over seeds")
 
 
 def claim5(top1: Mapping[tuple[str, str], np.ndarray], features, source: str, alpha: float = 0.05,
-           what: str = "CD-300 mean top-1", links: Sequence[str] = CLAIM5_LINKS) -> Claim:
-    """Claim 5 by ``cd_claim``'s rule from top-1 values per (method, arch) ("cd300", "cskd", "pskd") and,
-    when given, a ``FeatureAnalysis`` with groups "baseline" and "cd"."""
+           what: str = "CD mean top-1", links: Sequence[str] = CLAIM5_LINKS) -> Claim:
+    """Claim 5 by ``cd_claim``'s rule from top-1 values per (method, arch) (the methods of ``CLAIM5_PAIRS``)
+    and, when given, a ``FeatureAnalysis`` with groups "baseline" and "cd"."""
     archs = list(dict.fromkeys(arch for _, arch in top1))
     parts, holds = [], []
     for arch in archs:
-        cd = top1[("cd300", arch)]
-        others = {m: top1[(m, arch)] for m in ("cskd", "pskd")}
-        best_other = max(others, key=lambda m: others[m].mean())
-        margin = cd.mean() - others[best_other].mean()
-        _, p, note = welch(cd, others[best_other])
-        above = all(cd.mean() > v.mean() for v in others.values())
-        holds.append(above and bool(p < alpha))  # NaN p (no test possible) fails
-        parts.append(f"{arch_label(arch)}: CD-300 {cd.mean():.2f} vs CS-KD {others['cskd'].mean():.2f}, "
-                     f"PS-KD {others['pskd'].mean():.2f}; margin over {METHOD_LABELS[best_other]} "
-                     f"{margin:+.2f}, Welch p {format_p(p)}{f' ({note})' if note else ''}, n = {len(cd)}")
+        for cd_method, other in CLAIM5_PAIRS:
+            cd, rival = top1[(cd_method, arch)], top1[(other, arch)]
+            _, p, note = welch(cd, rival)
+            holds.append(cd.mean() > rival.mean() and bool(p < alpha))  # NaN p (no test possible) fails
+            parts.append(f"{arch_label(arch)}: {METHOD_LABELS[cd_method]} {cd.mean():.2f} vs {METHOD_LABELS[other]} "
+                         f"{rival.mean():.2f} ({paper_budget(cd_method, other)} in the paper's units), difference "
+                         f"{cd.mean() - rival.mean():+.2f}, Welch p {format_p(p)}{f' ({note})' if note else ''}, "
+                         f"n = {len(cd)} / {len(rival)}")
     if "resnet34" not in archs:
         parts.append("ResNet-34 is not in this profile, so its margin is not measured")
     verdict_ok = all(holds)
-    rule = (f"accuracy: on every network, {what} > CS-KD and > PS-KD, and the difference to the better of the "
-            f"two significant (Welch's t-test, two-sided p < {alpha:g}; fewer than 2 seeds fails)")
+    rule = (f"accuracy, at equal budget: on every network, {what}: CD-300 > PS-KD (both 300 paper epochs) and "
+            f"CD-200 > CS-KD (both 200), each difference significant (Welch's t-test, two-sided p < {alpha:g}; "
+            "fewer than 2 seeds fails); CD-300 against CS-KD (300 vs 200 epochs) is not counted")
     if features is not None:
         base, cd = features.groups["baseline"], features.groups["cd"]
         feature_ok = cd.n_features < base.n_features and cd.mean_frequency > base.mean_frequency
@@ -519,7 +553,7 @@ def claim5(top1: Mapping[tuple[str, str], np.ndarray], features, source: str, al
 
 
 __all__ = [
-    "METHOD_LABELS", "CD_REFERENCES", "LEAKY_METHODS", "load_runs", "kd_groups", "kd_table", "kd_metrics", "kd_gain",
+    "METHOD_LABELS", "CD_REFERENCES", "CLAIM5_PAIRS", "budget", "paper_budget", "LEAKY_METHODS", "load_runs", "kd_groups", "kd_table", "kd_metrics", "kd_gain",
     "schedule_label", "table1_frame", "table2_runs", "table2_long", "table2_frame", "cd_run", "format_p", "welch",
     "significance_table", "leak_table", "summary_values", "LEAK_FREE_SOURCES", "SOURCE_SPLITS", "test_source_messages",
     "replay_cd_ema", "offdiagonal_mass", "source_confusions", "cd_ema_frame", "paper_claim5_text", "cd_claim", "claim5", "arch_label",

@@ -44,8 +44,10 @@ class Profile:
     student_arch: str = "resnet18"
     teacher_arch: str = "resnet152"
     teacher_width: float | None = None  # the teachers' channel multiplier; None: ``width``
+    teacher_epochs: int | None = None   # the teachers' epochs; None: ``epochs`` (the paper trains all alike)
     rotation: float = 15.0
     validation: int = 0       # training images held out for validation and CD's "holdout" source; 0: none
+    train_images: int = 0     # train on a fixed stratified subset of the rest; 0: all
     # How the profile was chosen (not keys of a file): the built-in name or file path, and the overrides.
     source: str = ""
     overrides: tuple = ()
@@ -82,7 +84,7 @@ class Profile:
     def recipe(self, **changes) -> TrainConfig:
         """The profile's base training config, with ``changes`` applied."""
         base = TrainConfig(dataset=self.dataset, width=self.width, epochs=self.epochs, rotation=self.rotation,
-                           validation=self.validation)
+                           validation=self.validation, train_images=self.train_images)
         return replace(base, **changes)
 
     def to_toml(self) -> str:
@@ -113,7 +115,7 @@ def _checked(key: str, value, source: str):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         rule = "a number"
-    elif kind == "int":
+    elif kind in ("int", "int | None"):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         rule = "a whole number"
@@ -126,8 +128,8 @@ def _checked(key: str, value, source: str):
 
 def _check_profile(profile: Profile, source: str) -> Profile:
     """Every config the profile makes must be valid: a bad width, data set or network is named here."""
-    for key in ("epochs", "feature_models", "seeds"):
-        if getattr(profile, key) < 1:
+    for key in ("epochs", "feature_models", "seeds", "teacher_epochs"):
+        if getattr(profile, key) is not None and getattr(profile, key) < 1:
             raise ConfigError(f"{source}: profile key {key!r} must be >= 1, got {getattr(profile, key)}")
     try:
         for arch in profile.table_archs + (profile.student_arch,):

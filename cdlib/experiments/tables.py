@@ -13,6 +13,9 @@ from cdlib import paths
 from cdlib.core.runs import Run
 
 ACCURACY_COLUMNS = ("final_top1", "best_top1", "final_top5", "best_top5")
+# Summary numbers chosen by looking at test accuracy: tables show them, labelled; no verdict reads them.
+# A run without a validation split also has its "selected_*" epoch chosen on test data.
+TEST_SELECTED = ("best_top1", "best_top5", "best_epoch")
 
 
 def mean_std_ci(values) -> tuple[float, float, float, int]:

@@ -170,10 +170,10 @@ def claims(kd: FeatureAnalysis | None, cd: FeatureAnalysis | None, long: pd.Data
     if long is not None and not long.empty:
         trained = long[long["normalisation"] == "trained"]  # each network on the inputs it was trained for
         top1 = {(METHODS[m], arch): g["top1"].to_numpy() for (m, arch), g in trained.groupby(["method", "arch"])}
-        if all((m, a) in top1 for a in set(long["arch"]) for m in ("cd300", "cskd", "pskd")):
+        if all((m, a) in top1 for a in set(long["arch"]) for pair in dr.CLAIM5_PAIRS for m in pair):
             where = "released checkpoints, CIFAR-100 test set under the statistics each trained with, 3 runs per cell "
             found.append(dr.claim5(top1, cd, where + LEAK_NOTE,
-                                   what="released CD-300 mean top-1 over runs (final checkpoints)", links=[]))
+                                   what="released CD mean top-1 over runs (final checkpoints)", links=[]))
     return found
 
 

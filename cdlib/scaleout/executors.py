@@ -145,10 +145,11 @@ class InProcess:
                 for c in configs]
 
     def _data(self, config: TrainConfig) -> DeviceData | None:
-        key = (config.dataset, config.rotation, config.validation)
+        key = (config.dataset, config.rotation, config.validation, config.train_images)
         if key not in self.data:
             try:
-                self.data[key] = DeviceData(hold_out(load_dataset(config.dataset, self.data_root), config.validation),
+                self.data[key] = DeviceData(hold_out(load_dataset(config.dataset, self.data_root), config.validation,
+                                                     config.train_images),
                                             self.device, config.rotation)
             except UserError:
                 return None  # the run's own attempt reports it, as a failed run
