@@ -83,3 +83,12 @@ def test_the_holdout_source_is_planned_only_with_a_validation_split():
     assert "cd300-holdout" not in plans.table2(PROFILES["quick"])
     holdout = plans.table2(PROFILES["cpu"])["cd300-holdout"]
     assert {c.validation for c in holdout} == {5000} and len(holdout) == PROFILES["cpu"].seeds
+
+
+def test_teachers_train_the_profiles_teacher_epochs_and_their_students_the_profiles_epochs():
+    cpu = PROFILES["cpu"]
+    assert cpu.teacher_epochs == 3 * cpu.epochs and cpu.train_images == 12000
+    assert {c.epochs for c in plans.teachers(cpu)} == {cpu.teacher_epochs}
+    assert {c.epochs for c in plans.kd_students(cpu)} == {cpu.epochs}
+    assert {c.train_images for nb in NOTEBOOKS for c in plans.notebook_plan(cpu, nb)} == {12000}
+    assert {c.epochs for c in plans.teachers(PROFILES["paper"])} == {200}  # None: the profile's epochs

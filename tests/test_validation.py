@@ -13,6 +13,7 @@ from cdlib.core.calibration import expected_calibration_error
 from cdlib.core.config import TrainConfig
 from cdlib.core.data import DataError, DeviceData, hold_out, synthetic, validation_indices
 from cdlib.errors import ConfigError
+from cdlib.core.train import fit
 from cdlib.experiments import distillation_results as dr
 
 
@@ -46,6 +47,36 @@ def test_hold_out_moves_images_out_of_the_training_set():
     data = DeviceData(held, "cpu", rotation=0)
     assert data.num_train == len(held.train_labels) and data.num_validation == 200
     assert sum(len(y) for _, y in data.eval_batches("validation", 64)) == 200
+
+
+def test_train_images_keeps_a_fixed_stratified_subset_of_what_is_not_held_out():
+    ds = synthetic()
+    held = hold_out(ds, 200)
+    small = hold_out(ds, 200, train_images=600)
+    rows = lambda images: {im.tobytes() for im in images}  # noqa: E731
+    assert len(small.train_labels) == 600 and rows(small.train_images) <= rows(held.train_images)
+    assert rows(small.validation_images) == rows(held.validation_images)  # the same validation split
+    shares = np.bincount(held.train_labels) * 600 / len(held.train_labels)
+    assert np.abs(np.bincount(small.train_labels) - shares).max() < 1  # every class its share
+    assert rows(hold_out(ds, 200, train_images=600).train_images) == rows(small.train_images)  # fixed
+    assert len(hold_out(ds, 0, train_images=100).train_labels) == 100
+    for n in (len(held.train_labels) + 1, ds.num_classes - 1):
+        with pytest.raises(DataError, match="cannot train on"):
+            hold_out(ds, 200, train_images=n)
+
+
+def test_a_run_with_train_images_trains_on_that_many_and_keeps_older_run_ids(tmp_path):
+    base = TrainConfig(dataset="synthetic", arch="resnet18", width=0.0625, epochs=1, validation=200)
+    assert base.replace(train_images=0).run_id() == base.run_id()  # the field enters the hash only when set
+    config = base.replace(train_images=300)
+    assert config.run_id() != base.run_id()
+    with pytest.raises(ConfigError, match="train_images"):
+        base.replace(train_images=-1)
+    summary = fit(config, tmp_path / "run", device="cpu")
+    assert summary["final_top1"] >= 0 and not (tmp_path / "run" / "failed.json").exists()
+    with pytest.raises(ValueError, match="asks for 200 and 300 training images"):
+        data = DeviceData(hold_out(synthetic(), 200), "cpu", rotation=15)
+        fit(config, tmp_path / "other", data=data)
 
 
 def test_a_holdout_source_without_a_validation_split_is_refused():
