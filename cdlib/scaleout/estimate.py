@@ -180,6 +180,11 @@ def epochs_done(config: TrainConfig, root: Path | None = None) -> int:
     return config.epochs if runs.is_finished(folder) else min(config.epochs, runs.epochs_done(folder))
 
 
+def trained_images(config: TrainConfig, spec: DataSpec) -> int:
+    """Images a run trains on per epoch: its ``train_images``, else all that are not held out."""
+    return config.train_images or spec.num_train - config.validation
+
+
 def estimate(profile: Profile, device=None, steps: int | None = None, timing_batch: int | None = None,
              root: Path | None = None, tflops: float = 400.0, data_root=None, log=print) -> dict:
     """The estimate as a dict (also what ``--json`` prints); ``log`` gets progress lines."""
@@ -226,7 +231,7 @@ def estimate(profile: Profile, device=None, steps: int | None = None, timing_bat
         if teacher_of(config):
             per_image += timings[teacher_of(config)].forward
         train_evals = sum(map(objective.needs_train_eval, range(config.epochs))) / config.epochs
-        n_train, n_evaluated = spec.num_train - config.validation, spec.num_test + config.validation
+        n_train, n_evaluated = trained_images(config, spec), spec.num_test + config.validation
         return n_train * (per_image + train_evals * t.forward) + n_evaluated * t.forward, "measured"
 
     flops: dict[tuple, float] = {}
@@ -251,7 +256,7 @@ def estimate(profile: Profile, device=None, steps: int | None = None, timing_bat
             seconds += (per_epoch + checkpoint) * remaining[c.run_id()]
             report["per_epoch"].setdefault(f"{c.arch} x{c.width:g} {c.objective}", {
                 "seconds": per_epoch, "checkpoint_seconds": checkpoint, "source": source})
-            floor += remaining[c.run_id()] * (spec.num_train - c.validation) * floor_per_image(c) / (tflops * 1e12)
+            floor += remaining[c.run_id()] * trained_images(c, spec) * floor_per_image(c) / (tflops * 1e12)
         report["notebooks"][nb] = {"runs": len(nb_runs), "to_train": len(nb_todo),
                                    "epochs": sum(remaining[c.run_id()] for c in nb_todo),
                                    "seconds": seconds, "floor_seconds": floor}
