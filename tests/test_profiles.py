@@ -72,7 +72,9 @@ def test_unknown_profiles_and_missing_files_are_named():
 def test_set_works_the_same_on_the_command_lines(tmp_path, capsys):
     assert cdlib_main(["plan", "--profile", "cpu", "--set", "epochs=4", "width=0.125", "--notebook", "01", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {r["config"]["epochs"] for r in rows if r["config"]["objective"] == "ce"} == {4}
+    students = {r["config"]["epochs"] for r in rows if r["config"]["objective"] == "ce" and r["config"]["arch"] == "resnet18"}
+    teachers = {r["config"]["epochs"] for r in rows if r["config"]["arch"] == "resnet34"}
+    assert students == {4} and teachers == {24}  # the cpu profile's teachers train their own teacher_epochs
     assert {r["config"]["width"] for r in rows if r["config"]["arch"] == "resnet18"} == {0.125}
     assert cdlib_main(["plan", "--profile", "cpu", "--set", "epochz=4", "--all"]) == 2
     assert "unknown profile key 'epochz'" in capsys.readouterr().err

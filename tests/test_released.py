@@ -438,7 +438,7 @@ def released_folder(tmp_path, monkeypatch):
     test["fine_labels"] = list(range(100))  # every class once: M has a row for each
     split.write_bytes(pickle.dumps(test))
     folder = tmp_path / "released"
-    for method in ("baseline", "cs-kd", "ps-kd", "cd-300"):
+    for method in ("baseline", "cs-kd", "ps-kd", "cd-200", "cd-300"):  # claim 5 needs CD-200 against CS-KD
         for run in art.RUNS:
             path = art.table2_checkpoint(folder, method, "resnet18", run)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -458,7 +458,7 @@ def test_the_command_writes_table2_section_4_1_features_and_claims(released_fold
                  "--num-shuffles", "5"]) == 0
     out = isolated_outputs / "released"
     runs = __import__("pandas").read_csv(out / "table2_runs.csv")
-    assert len(runs) == 24 and set(runs["network"]) == {"resnet18", "preact_resnet18"}
+    assert len(runs) == 30 and set(runs["network"]) == {"resnet18", "preact_resnet18"}
     # Every checkpoint under both normalisations, each equal to a direct evaluation of the network the file was
     # written from: CS-KD's own statistics, and pytorch-cifar100's as the authors' evaluate_models.py uses.
     model, _ = released_state("cs-kd", "resnet18", seed=2)
@@ -525,5 +525,5 @@ def test_notebooks_03_to_05_show_the_released_numbers_or_say_how_to_get_them(rel
     assert "snapshot_download" in capsys.readouterr().out
     folder, data_root = released_folder
     table = analysis.notebook_part("table2", folder, data_root, "cpu")
-    assert list(table["method"]) == ["baseline", "cs-kd", "ps-kd", "cd-300"] and set(table["runs"]) == {3}
+    assert list(table["method"]) == ["baseline", "cs-kd", "ps-kd", "cd-200", "cd-300"] and set(table["runs"]) == {3}
     assert "features |F|" in set(analysis.notebook_part("cd-tensor", folder)["statistic"])
