@@ -290,3 +290,15 @@ def test_analyse_profile_on_tiny_trained_runs(monkeypatch, one_thread):
     np.testing.assert_allclose(result.groups["baseline"].confidence,
                                special.softmax(logits.astype(np.float64), axis=1)[np.arange(500), labels], rtol=1e-3)
     assert [c.verdict for c in fa.interaction_claims(result)] == [NOT_MEASURED] * 3
+
+
+def test_k_is_capped_at_the_narrowest_networks_pooled_features():
+    """The paper's K = 50 on the cpu profile's width-1/16 ResNet-18 (32 pooled features) would fail in the PCA."""
+    from cdlib.core.config import TrainConfig
+    from cdlib.core.models import build_model
+    student, teacher = TrainConfig(arch="resnet18", width=0.0625), TrainConfig(arch="resnet34", width=0.125)
+    assert [fa.penultimate_width(c) for c in (student, teacher)] == [
+        build_model(c.arch, 10, c.width).feature_dim for c in (student, teacher)] == [32, 64]
+    with pytest.warns(UserWarning, match="K = 32"):
+        assert fa.pooled_components([teacher, student]) == 32
+    assert fa.pooled_components([teacher], 50) == 50 and fa.pooled_components([student], 20) == 20

@@ -100,9 +100,12 @@ def _model_activations(model, images, layer, batch_size, device) -> np.ndarray:
 # Steps 2 and 6: per-model PCA and presence
 # --------------------------------------------------------------------------------------
 
+PAPER_COMPONENTS = 50  # K, the principal axes kept per model in the paper
+
+
 def principal_projections(
     activations: np.ndarray | torch.Tensor,
-    n_components: int = 50,
+    n_components: int = PAPER_COMPONENTS,
     centered: bool = True,
     device: str | torch.device | None = None,
 ) -> np.ndarray:
@@ -366,7 +369,7 @@ _SCALAR_FIELDS = {
 def build_interaction_tensor(
     activations: Iterable[np.ndarray | torch.Tensor],
     *,
-    n_components: int = 50,
+    n_components: int = PAPER_COMPONENTS,
     centered: bool = True,
     corr_percentile: float = 99.0,
     presence_percentile: float = 90.0,

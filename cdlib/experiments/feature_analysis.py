@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import torch
@@ -29,7 +31,8 @@ from cdlib.experiments.claims import NOT_SUPPORTED, SUPPORTED, Claim, not_measur
 from cdlib.core.data import DeviceData, load_dataset
 from cdlib.core.util import resolve_device
 from cdlib.core.feature_statistics import GroupStatistics, group_statistics, summary_table
-from cdlib.core.interaction import InteractionTensor, build_interaction_tensor, iter_activations
+from cdlib.core.interaction import PAPER_COMPONENTS, InteractionTensor, build_interaction_tensor, iter_activations
+from cdlib.core.models import build_model
 from cdlib.experiments.profiles import Profile
 
 KD_GROUPS = ("baseline", "student", "teacher")
@@ -185,6 +188,23 @@ def analyse_runs(
                            labels=np.asarray(labels), dataset=dataset, profile=profile)
 
 
+def penultimate_width(config) -> int:
+    """D, the pooled penultimate features of ``config``'s network (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        return build_model(config.arch, 10, config.width).feature_dim
+
+
+def pooled_components(configs: Iterable, requested: int = PAPER_COMPONENTS) -> int:
+    """K for the pooled layer: ``requested`` (the paper's 50 assumes 512 or more features), or, with a
+    warning, the narrowest network's feature count where that is smaller (width-1/16 ResNet-18: 32)."""
+    narrowest = min(penultimate_width(c) for c in configs)
+    if requested <= narrowest:
+        return requested
+    warnings.warn(f"K = {requested} principal axes asked for, but the narrowest network has {narrowest} pooled "
+                  f"features: K = {narrowest}")
+    return narrowest
+
+
 def group_runs(profile: Profile, groups: Sequence[str] = KD_GROUPS, root=None) -> dict[str, list]:
     """Each group's finished runs from the run store (a missing run is an error naming how to train it)."""
     unknown = set(groups) - set(GROUP_PLANS)
@@ -198,12 +218,16 @@ def analyse_profile(profile: Profile, groups: Sequence[str] = KD_GROUPS, *, devi
     """The paper's Section 3 analysis for ``profile``: baselines, KD students and teachers in one tensor.
 
     Defaults (the paper's Sections 3.2-3.4, and README "Deviations" where its released code
-    differs): pooled penultimate layer, K = 50 centred PCA, gamma at the 99th percentile,
+    differs): pooled penultimate layer, K = 50 centred PCA (fewer for networks with fewer pooled
+    features: ``pooled_components``), gamma at the 99th percentile,
     presence above the 90th, float "best so far".
     ``groups`` may name any of ``GROUP_PLANS`` (e.g. ``("baseline", "cd")`` for Figure 3).
     """
     device = resolve_device(device)
     by_group = group_runs(profile, groups)
+    if layer == "pooled":
+        tensor_options["n_components"] = pooled_components(
+            [run.config for group in by_group.values() for run in group], tensor_options.get("n_components", PAPER_COMPONENTS))
     images, labels = test_images(profile.dataset, data_root, device)
     return analyse_runs(by_group, images, labels, layer=layer, device=device, batch_size=batch_size,
                         dataset=profile.dataset, profile=profile.name, **tensor_options)

@@ -4,7 +4,7 @@ A profile fixes the data set, network width, epochs, and how many models and see
 every notebook trains. The built-in ones are files in ``cdlib/profiles/``:
 
     smoke   the whole pipeline on a CPU in minutes (synthetic data, tiny networks)
-    cpu     real data on a 2-core CPU overnight (CIFAR-10, tiny networks, a validation split)
+    cpu     real data on a 2-core CPU in one sitting (CIFAR-10 subset, tiny networks, a validation split)
     quick   real CIFAR-100, ResNet-18 only, shortened schedules (an afternoon on one GPU)
     paper   the paper's recipe (CIFAR-100, 200/300 epochs, 20 models per group, 3 seeds per cell)
 
