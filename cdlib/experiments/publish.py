@@ -81,7 +81,7 @@ def publish(target: Path, outputs: Path | None = None, width: int = 900, command
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     (staging / INDEX).write_text("\n".join([
         "# What the pipeline produced", "",
-        f"{MARK}{f' as `{command}`' if command else ''} on {now}, from `{outputs}`. Do not edit by hand: "
+        f"{MARK} ({f'`{command}`' if command else 'from Python'}) on {now}, from `{outputs}`. Do not edit by hand: "
         "rerun the pipeline and this command.", "",
         f"- [REPORT.md](REPORT.md): the paper's five claims against these runs, each with its rule",
         *[f"- [notebooks/{p.name}](notebooks/{p.name})" for p in exported],
