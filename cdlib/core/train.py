@@ -132,6 +132,12 @@ def selected_epoch(history: list[dict]) -> dict:
     return max(history, key=lambda h: h[key])
 
 
+def run_data(config: TrainConfig, device, data_root=None) -> DeviceData:
+    """The data a run trains on: its data set, validation split and training subset, on ``device``."""
+    return DeviceData(hold_out(load_dataset(config.dataset, data_root), config.validation, config.train_images),
+                      device, config.rotation)
+
+
 def fit(config: TrainConfig, run_dir: str | Path, *, data: DeviceData | None = None, device=None, data_root=None,
         teachers: Mapping[str, nn.Module] | None = None, progress: bool = True, deterministic: bool = False,
         compile: bool = False, checkpoint_every: int = 1) -> dict:
@@ -156,8 +162,7 @@ def fit(config: TrainConfig, run_dir: str | Path, *, data: DeviceData | None = N
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cudnn.deterministic = deterministic
     if data is None:
-        data = DeviceData(hold_out(load_dataset(config.dataset, data_root), config.validation, config.train_images),
-                          device, config.rotation)
+        data = run_data(config, device, data_root)
     if (data.num_validation != config.validation or data.device.type != device.type
             or config.train_images and data.num_train != config.train_images):
         raise ValueError(f"the data passed hold out {data.num_validation} validation images and train on "

@@ -235,6 +235,7 @@ def render(profile: Profile, root=None) -> str:
     missing = run_store.split_finished(configs, root)[1]
     cells = dr.table2_runs(profile, root, methods=methods(profile), finished_only=True)
     cells = {k: v for k, v in cells.items() if k[1] == profile.student_arch}
+    teachers = teacher_check(profile, cells, root)
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     md = tables.to_markdown
     lines = [
@@ -301,8 +302,7 @@ def render(profile: Profile, root=None) -> str:
         "Not a claim, a precondition of KD (notebooks 02-03): the teachers' final top-1 against the students' "
         "baselines. The teachers train longer by design (the profile's `teacher_epochs`).",
         "",
-        md(teacher_check(profile, cells, root)) if len(teacher_check(profile, cells, root)) else
-        "The teachers or the baselines are not finished yet.",
+        md(teachers) if len(teachers) else "The teachers or the baselines are not finished yet.",
         "",
         "## Time on this machine",
         "",

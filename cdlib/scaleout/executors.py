@@ -36,8 +36,8 @@ from cdlib import paths
 from cdlib.core import runs
 from cdlib.scaleout import locks
 from cdlib.core.config import TrainConfig
-from cdlib.core.data import DeviceData, hold_out, load_dataset
-from cdlib.core.train import fit
+from cdlib.core.data import DeviceData
+from cdlib.core.train import fit, run_data
 from cdlib.core.util import atomic_write_text, resolve_device
 from cdlib.errors import ArgumentParser, ConfigError, StoreError, UserError, read_json_file
 from cdlib.experiments.plans import unique
@@ -148,9 +148,7 @@ class InProcess:
         key = (config.dataset, config.rotation, config.validation, config.train_images)
         if key not in self.data:
             try:
-                self.data[key] = DeviceData(hold_out(load_dataset(config.dataset, self.data_root), config.validation,
-                                                     config.train_images),
-                                            self.device, config.rotation)
+                self.data[key] = run_data(config, self.device, self.data_root)
             except UserError:
                 return None  # the run's own attempt reports it, as a failed run
         return self.data[key]
